@@ -1,0 +1,56 @@
+"""uncertain_seg_ros: installable with pip (``pip install -e .``) and buildable with colcon (ament_python)."""
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "uncertain_seg_ros"
+
+
+def _data_files() -> list[tuple[str, list[str]]]:
+    """Files colcon installs into share/: the ament marker, package.xml, launch, config and bundles."""
+    files = [
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*.py")),
+        (f"share/{PACKAGE}/config", glob("config/*")),
+    ]
+    for bundle in sorted(glob("models/*/")):
+        name = bundle.rstrip("/").split("/")[-1]
+        files.append((f"share/{PACKAGE}/models/{name}", sorted(glob(f"{bundle}*"))))
+    return [(dest, srcs) for dest, srcs in files if srcs]
+
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    description="DINOv2 semantic segmentation with per-pixel uncertainty for ROS 2, plus offline adaptation and calibration",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"])
+    + ["uncertain_seg_training"]
+    + [f"uncertain_seg_training.{p}" for p in find_packages("training")],
+    package_dir={"uncertain_seg_training": "training"},
+    data_files=_data_files(),
+    install_requires=[
+        "numpy>=1.23",
+        "torch>=2.1",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "opencv-python-headless>=4.7",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "train": ["matplotlib>=3.6"],
+        "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
+        "tensorrt": ["torch-tensorrt>=2.1"],
+        "test": ["pytest>=7", "scikit-learn>=1.2", "matplotlib>=3.6"],
+    },
+    entry_points={
+        "console_scripts": [
+            "uncertain-seg = uncertain_seg_training.cli:main",
+        ],
+    },
+    zip_safe=True,
+)

@@ -1,0 +1,62 @@
+"""The deployed network: DINOv2 backbone + linear segmentation head + loss-prediction uncertainty head."""
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .heads import LinearSegHead, UncertaintyHead
+from .vision_transformer import BackboneConfig, DinoVisionTransformer
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """Architecture of the whole network; stored in every model bundle."""
+
+    num_classes: int
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    n_last_blocks: int = 4
+    uncertainty_hidden: int = 512
+
+    def to_dict(self) -> dict:
+        return {
+            "num_classes": self.num_classes,
+            "backbone": self.backbone.to_dict(),
+            "n_last_blocks": self.n_last_blocks,
+            "uncertainty_hidden": self.uncertainty_hidden,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SegmenterConfig":
+        d = dict(d)
+        backbone = BackboneConfig.from_dict(d.pop("backbone"))
+        unknown = set(d) - {"num_classes", "n_last_blocks", "uncertainty_hidden"}
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(backbone=backbone, **d)
+
+
+class UncertainSegmenter(nn.Module):
+    """Images -> (class logits, predicted per-pixel loss), both at patch-grid resolution.
+
+    Upsampling to the label or camera resolution is left to the caller, so it is done once, at the
+    size that is needed, and on logits rather than on probabilities.
+    """
+
+    def __init__(self, cfg: SegmenterConfig) -> None:
+        super().__init__()
+        if not 1 <= cfg.n_last_blocks <= cfg.backbone.depth:
+            raise ValueError(f"n_last_blocks must be in [1, {cfg.backbone.depth}], got {cfg.n_last_blocks}")
+        self.cfg = cfg
+        self.backbone = DinoVisionTransformer(cfg.backbone)
+        channels = cfg.backbone.embed_dim * cfg.n_last_blocks
+        self.head = LinearSegHead(channels, cfg.num_classes)
+        self.uncertainty_head = UncertaintyHead(channels, cfg.uncertainty_hidden)
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``images`` (B, 3, H, W) normalised, sides multiples of 14; ``masks`` optional (B, H/14*W/14) bool.
+
+        Returns logits (B, K, H/14, W/14) and predicted loss (B, 1, H/14, W/14); the uncertainty head
+        sees stop-gradient features.
+        """
+        features = torch.cat(self.backbone.get_intermediate_layers(images, self.cfg.n_last_blocks, masks), dim=1)
+        return self.head(features), self.uncertainty_head(features.detach())

@@ -1,0 +1,53 @@
+"""From network outputs at patch resolution to what a robot uses: labels, confidence, uncertainty, mask.
+
+One function serves the node, the evaluator and the demo, so that what is measured is what is
+published. It runs on whatever device the tensors are on.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .calibration import Calibration
+from .uncertainty import UNCERTAINTY_SOURCES, uncertainty
+
+
+@dataclass
+class Prediction:
+    """Per-pixel results at the requested output size, batched (B, H, W)."""
+
+    labels: torch.Tensor
+    confidence: torch.Tensor
+    uncertainty: torch.Tensor
+    mask: torch.Tensor
+    probs: torch.Tensor
+    predicted_loss: torch.Tensor
+
+
+def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (B, C, h, w) maps to ``size`` = (H, W); no-op when already there."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def decode(
+    logits: torch.Tensor,
+    predicted_loss: torch.Tensor,
+    size: tuple[int, int],
+    calibration: Calibration,
+    source: str,
+    mask_threshold: float,
+) -> Prediction:
+    """Upsample logits and predicted loss to ``size``, calibrate, and derive every per-pixel output.
+
+    The misclassification mask is ``uncertainty > mask_threshold`` of the chosen ``source``.
+    """
+    if source not in UNCERTAINTY_SOURCES:
+        raise ValueError(f"unknown uncertainty source {source!r}; choose one of {UNCERTAINTY_SOURCES}")
+    logits = calibration.apply(upsample(logits.float(), size))
+    probs = logits.softmax(dim=1)
+    confidence, labels = probs.max(dim=1)
+    loss = upsample(predicted_loss.float(), size)[:, 0]
+    unc = uncertainty(source, probs, loss)
+    return Prediction(labels, confidence, unc, unc > mask_threshold, probs, loss)
