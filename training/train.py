@@ -146,6 +146,8 @@ def param_groups(model: UncertainSegmenter, cfg: TrainConfig) -> list[dict]:
     """AdamW groups: backbone / heads x decay / no decay (norms, biases, tokens, layer scales)."""
     groups = {(b, d): [] for b in (True, False) for d in (True, False)}
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         is_backbone = name.startswith("backbone.")
         no_decay = p.ndim < 2 or name.endswith(("_token", "pos_embed", "register_tokens", "gamma"))
         groups[(is_backbone, not no_decay)].append(p)
@@ -208,6 +210,7 @@ def train(cfg: TrainConfig) -> Path:
         model.backbone.load_state_dict(pretrained.state_dict(), strict=True)
     if cfg.backbone_lr_mult == 0:
         model.backbone.requires_grad_(False)
+    model.backbone.mask_token.requires_grad_(False)  # nothing is masked in supervised training
     model.to(dist.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
     weights = class_weights(folder.class_frequencies(), cfg.class_weighting)

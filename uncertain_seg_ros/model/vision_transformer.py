@@ -88,7 +88,7 @@ class DinoVisionTransformer(nn.Module):
         convention. Outside training the table is cached per input size: it is constant for a
         deployed resolution.
         """
-        key = (h, w, self.pos_embed._version, self.pos_embed.device, self.pos_embed.dtype)
+        key = (h, w, self.pos_embed.data_ptr(), self.pos_embed._version, self.pos_embed.device, self.pos_embed.dtype)
         cacheable = not (self.training or torch.is_grad_enabled())
         if cacheable and key in self._pos_cache:
             return self._pos_cache[key]

@@ -1,0 +1,160 @@
+"""The model bundle: round trip, and refusal of missing, truncated, tampered or mismatched bundles."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from uncertain_seg_ros.bundle import CHECKSUMS_FILE, CONFIG_FILE, WEIGHTS_FILE, BundleError, load_bundle, save_bundle, sha256_file
+from uncertain_seg_ros.model import UncertainSegmenter
+
+from conftest import tiny_bundle_config
+
+
+def _rewrite_checksums(path):
+    """What a careless user does after editing a file: make the checksums agree again."""
+    (path / CHECKSUMS_FILE).write_text("".join(f"{sha256_file(path / n)}  {n}\n" for n in (WEIGHTS_FILE, CONFIG_FILE)))
+
+
+def test_round_trip_preserves_weights_and_config(tiny_bundle):
+    """A saved bundle loads to the same weights, config and a model id from the weights' sha256."""
+    b = load_bundle(tiny_bundle)
+    assert b.config == tiny_bundle_config()
+    state = load_file(str(tiny_bundle / WEIGHTS_FILE))
+    for k, v in b.model.state_dict().items():
+        assert torch.equal(v, state[k])
+    assert b.model_id == sha256_file(tiny_bundle / WEIGHTS_FILE)[:12]
+    assert not b.model.training
+    assert sorted(p.name for p in tiny_bundle.iterdir()) == sorted([WEIGHTS_FILE, CONFIG_FILE, CHECKSUMS_FILE])
+
+
+def test_no_pickle_in_bundle(tiny_bundle):
+    """Weights are safetensors (a JSON header, no pickle opcodes); the config is JSON."""
+    raw = (tiny_bundle / WEIGHTS_FILE).read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    json.loads(raw[8 : 8 + header_len])
+    assert b"\x80\x04" not in raw[:2] and not raw.startswith(b"PK")
+    json.loads((tiny_bundle / CONFIG_FILE).read_text())
+
+
+@pytest.mark.parametrize("missing", [WEIGHTS_FILE, CONFIG_FILE, CHECKSUMS_FILE])
+def test_missing_file_is_named(tiny_bundle, missing):
+    (tiny_bundle / missing).unlink()
+    with pytest.raises(BundleError, match=missing.replace(".", r"\.")):
+        load_bundle(tiny_bundle)
+
+
+def test_not_a_folder(tmp_path):
+    with pytest.raises(BundleError, match="does not exist"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def test_truncated_weights_refused(tiny_bundle):
+    """A half-copied weights file fails the checksum, and the message says so."""
+    f = tiny_bundle / WEIGHTS_FILE
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(BundleError, match=r"checksum mismatch for .*model\.safetensors.*modified or truncated"):
+        load_bundle(tiny_bundle)
+
+
+def test_tampered_weight_refused(tiny_bundle):
+    """One flipped byte deep inside the tensor data is caught."""
+    f = tiny_bundle / WEIGHTS_FILE
+    data = bytearray(f.read_bytes())
+    data[-100] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="checksum mismatch"):
+        load_bundle(tiny_bundle)
+
+
+def test_tampered_config_refused(tiny_bundle):
+    f = tiny_bundle / CONFIG_FILE
+    cfg = json.loads(f.read_text())
+    cfg["mask_threshold"] = 0.01
+    f.write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match=r"checksum mismatch for .*config\.json"):
+        load_bundle(tiny_bundle)
+
+
+def test_truncated_weights_with_matching_checksum_refused(tiny_bundle):
+    """Even with re-computed checksums, an unreadable safetensors file is reported as such."""
+    f = tiny_bundle / WEIGHTS_FILE
+    f.write_bytes(f.read_bytes()[:1000])
+    _rewrite_checksums(tiny_bundle)
+    with pytest.raises(BundleError, match="not a readable safetensors file"):
+        load_bundle(tiny_bundle)
+
+
+def test_wrong_architecture_refused(tiny_bundle):
+    """Weights of another architecture under this config: the message names the mismatching tensors."""
+    other = tiny_bundle_config()
+    bigger = UncertainSegmenter(other.model.__class__(3, other.model.backbone.__class__(
+        **{**other.model.backbone.to_dict(), "embed_dim": 64}), n_last_blocks=2, uncertainty_hidden=16))
+    save_file({k: v.contiguous() for k, v in bigger.state_dict().items()}, str(tiny_bundle / WEIGHTS_FILE))
+    _rewrite_checksums(tiny_bundle)
+    with pytest.raises(BundleError, match=r"does not match the architecture.*embed_dim=48.*shape mismatches"):
+        load_bundle(tiny_bundle)
+
+
+def test_missing_tensor_refused(tiny_bundle):
+    state = load_file(str(tiny_bundle / WEIGHTS_FILE))
+    del state["head.conv.weight"]
+    save_file(state, str(tiny_bundle / WEIGHTS_FILE))
+    _rewrite_checksums(tiny_bundle)
+    with pytest.raises(BundleError, match=r"missing 1 tensors.*head\.conv\.weight"):
+        load_bundle(tiny_bundle)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.pop("classes"), "missing field 'classes'"),
+        (lambda c: c.update(format_version=99), "format_version 99 is not supported"),
+        (lambda c: c.update(uncertainty_source="vibes"), "uncertainty_source 'vibes'"),
+        (lambda c: c["input"].update(height=57), "multiples of 14"),
+        (lambda c: c["classes"].pop(), "2 classes listed but the model has 3 outputs"),
+        (lambda c: c["calibration"].update(temperature=-1), "temperature must be > 0"),
+    ],
+)
+def test_invalid_config_refused(tiny_bundle, edit, message):
+    f = tiny_bundle / CONFIG_FILE
+    cfg = json.loads(f.read_text())
+    edit(cfg)
+    f.write_text(json.dumps(cfg))
+    _rewrite_checksums(tiny_bundle)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(tiny_bundle)
+
+
+def test_config_not_json_refused(tiny_bundle):
+    (tiny_bundle / CONFIG_FILE).write_text("{not json")
+    _rewrite_checksums(tiny_bundle)
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(tiny_bundle)
+
+
+def test_failed_save_keeps_previous_bundle(tiny_bundle):
+    """Export is atomic: a failing save leaves the old bundle intact and no temporary folders."""
+    before = sha256_file(tiny_bundle / WEIGHTS_FILE)
+    config = tiny_bundle_config()
+    wrong = UncertainSegmenter(tiny_bundle_config(num_classes=2).model)
+    with pytest.raises(ValueError, match="architecture differs"):
+        save_bundle(tiny_bundle, wrong, config)
+    assert sha256_file(tiny_bundle / WEIGHTS_FILE) == before
+    assert [p.name for p in tiny_bundle.parent.iterdir()] == ["bundle"]
+    load_bundle(tiny_bundle)
+
+
+def test_save_replaces_existing_bundle(tiny_bundle):
+    config = tiny_bundle_config()
+    model = UncertainSegmenter(config.model)
+    save_bundle(tiny_bundle, model, config)
+    assert torch.equal(load_bundle(tiny_bundle).model.head.conv.weight, model.head.conv.weight)
+    assert [p.name for p in tiny_bundle.parent.iterdir()] == ["bundle"]
+
+
+def test_copied_bundle_loads(tiny_bundle, tmp_path):
+    """Bundles are relocatable folders (checksums hold relative names)."""
+    copy = shutil.copytree(tiny_bundle, tmp_path / "elsewhere" / "b")
+    assert load_bundle(copy).model_id == load_bundle(tiny_bundle).model_id
