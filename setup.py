@@ -14,9 +14,12 @@ def _data_files() -> list[tuple[str, list[str]]]:
         (f"share/{PACKAGE}/launch", glob("launch/*.py")),
         (f"share/{PACKAGE}/config", glob("config/*")),
     ]
-    for bundle in sorted(glob("models/*/")):
-        name = bundle.rstrip("/").split("/")[-1]
-        files.append((f"share/{PACKAGE}/models/{name}", sorted(glob(f"{bundle}*"))))
+    for checksums in sorted(glob("models/*/checksums.sha256")):
+        name = checksums.split("/")[1]
+        files.append((f"share/{PACKAGE}/models/{name}", sorted(glob(f"models/{name}/*"))))
+    files.append((f"share/{PACKAGE}/samples/camvid_dusk", sorted(glob("samples/camvid_dusk/*.*"))))
+    for sub in ("images", "labels"):
+        files.append((f"share/{PACKAGE}/samples/camvid_dusk/{sub}", sorted(glob(f"samples/camvid_dusk/{sub}/*"))))
     return [(dest, srcs) for dest, srcs in files if srcs]
 
 

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate a bundle on a labelled folder and write a report", description=(
         "Streams a labelled folder through a bundle and writes metrics.json, report.md, reliability.png, "
         "pr_curves.png, roc_curves.png and montage.png into --out."))
-    p.add_argument("--bundle", required=True, help="model bundle folder")
+    p.add_argument("--bundle", required=True, help="model bundle folder, or the name of a shipped bundle (camvid_demo)")
     p.add_argument("--data", required=True, help="labelled folder (images/ + labels/)")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")

@@ -16,6 +16,7 @@ from uncertain_seg_ros.calibration import Calibration
 from uncertain_seg_ros.metrics import CalibrationBins, ConfusionMatrix, MisclassificationCurves
 from uncertain_seg_ros.model import UncertainSegmenter
 from uncertain_seg_ros.prediction import decode
+from uncertain_seg_ros.resources import resolve_bundle
 from uncertain_seg_ros.preprocessing import to_input
 from uncertain_seg_ros.uncertainty import UNCERTAINTY_SOURCES, uncertainty
 
@@ -33,13 +34,17 @@ class Evaluation:
     curves: dict[str, MisclassificationCurves]
     calibration: dict[str, CalibrationBins]
     mask_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
+    frame_count: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))
     montage: list = field(default_factory=list)
-    frames: int = 0
+
+    @property
+    def frames(self) -> int:
+        return int(self.frame_count.item())
 
     def metrics(self, class_names: list[str]) -> dict:
         """The numbers of a report: mIoU, per-class IoU, detection and calibration per source."""
         iou = self.confusion.iou()
-        flagged_errors, flagged, errors = self.mask_counts.tolist()
+        flagged_errors, flagged, errors = self.mask_counts.cpu().tolist()
         return {
             "frames": self.frames,
             "miou": float(self.confusion.miou()),
@@ -74,12 +79,14 @@ def run_evaluation(
     model.eval()
     k = config.model.num_classes
     ev = Evaluation(
-        confusion=ConfusionMatrix(k, None),
-        curves={s: MisclassificationCurves() for s in UNCERTAINTY_SOURCES},
-        calibration={"uncalibrated": CalibrationBins(15)},
+        confusion=ConfusionMatrix(k, None, device=device),
+        curves={s: MisclassificationCurves(device=device) for s in UNCERTAINTY_SOURCES},
+        calibration={"uncalibrated": CalibrationBins(15, device=device)},
+        mask_counts=torch.zeros(3, dtype=torch.float64, device=device),
+        frame_count=torch.zeros(1, dtype=torch.float64, device=device),
     )
     if config.calibration != Calibration():
-        ev.calibration["calibrated"] = CalibrationBins(15)
+        ev.calibration["calibrated"] = CalibrationBins(15, device=device)
     indices = list(range(len(folder))) if indices is None else indices
     shown = set(np.linspace(0, len(folder) - 1, montage_count).round().astype(int).tolist()) if montage_count else set()
     size = (config.input.height, config.input.width)
@@ -104,8 +111,8 @@ def run_evaluation(
         else:
             ev.calibration["uncalibrated"].update(pred.confidence[0], ~error, valid)
         mask = pred.mask[0] & valid
-        ev.mask_counts += torch.tensor([(mask & error).sum().item(), mask.sum().item(), error.sum().item()], dtype=torch.float64)
-        ev.frames += 1
+        ev.mask_counts += torch.stack([(mask & error).sum(), mask.sum(), error.sum()]).double()
+        ev.frame_count += 1
         if i in shown:
             ev.montage.append((folder.images[i].stem, image, label, labels.cpu().numpy(), pred.uncertainty[0].cpu().numpy(), pred.mask[0].cpu().numpy()))
     _reduce(ev)
@@ -117,11 +124,9 @@ def _reduce(ev: Evaluation) -> None:
     """Sum every accumulator across torchrun processes."""
     parts = [ev.confusion, *ev.curves.values(), *ev.calibration.values()]
     states = [p.state() for p in parts]
-    frames = torch.tensor([float(ev.frames)], dtype=torch.float64)
-    all_reduce_sum([t for s in states for t in s] + [ev.mask_counts, frames])
+    all_reduce_sum([t for s in states for t in s] + [ev.mask_counts, ev.frame_count])
     for p, s in zip(parts, states):
         p.load_state(s)
-    ev.frames = int(frames.item())
 
 
 def evaluate(
@@ -137,6 +142,7 @@ def evaluate(
     from .report import MontageRow, write_report
 
     dev = resolve_device(device)
+    bundle_path = resolve_bundle(bundle_path)
     bundle = load_bundle(bundle_path, dev)
     folder = LabelledFolder(data)
     if folder.classes.num_classes != bundle.config.model.num_classes:

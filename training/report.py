@@ -353,7 +353,8 @@ def _markdown(
         lines += ["### Calibration", ""]
         lines += _table(
             ["calibration", "ECE", "accuracy", "mean confidence"],
-            [[n, _fmt(d.get("ece")), _fmt(d.get("accuracy")), _fmt(d.get("mean_confidence"))] for n, d in calib.items()],
+            [[n, _fmt(d.get("ece")), _fmt(d.get("accuracy")), _fmt(d.get("mean_confidence"))]
+             for n, d in calib.items()],
         )
     extra = _scalars({k: v for k, v in metrics.items() if k not in _LAYOUT_KEYS})
     if extra:
