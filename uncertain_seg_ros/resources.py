@@ -19,7 +19,7 @@ def share_directories() -> list[Path]:
 
         try:
             candidates.append(Path(get_package_share_directory(PACKAGE)))
-        except PackageNotFoundError:
+        except (PackageNotFoundError, OSError):  # not built with colcon, or no sourced workspace
             pass
     except ImportError:
         pass

@@ -1,0 +1,77 @@
+"""Packaging and architecture rules: package.xml / setup.py agree, files exist, imports flow one way."""
+import ast
+import xml.etree.ElementTree as ET
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+import uncertain_seg_ros
+
+from conftest import REPO
+
+ROS_MODULES = ("rclpy", "sensor_msgs", "std_msgs", "diagnostic_msgs", "builtin_interfaces", "launch", "launch_ros", "rosidl_runtime_py")
+
+
+def _setup_namespace() -> dict:
+    """setup.py's helpers without running setup()."""
+    source = (REPO / "setup.py").read_text().split("\nsetup(")[0]
+    namespace: dict = {"__file__": str(REPO / "setup.py")}
+    exec(compile(source, "setup.py", "exec"), namespace)
+    return namespace
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_package_xml_is_format3_ament_python_with_runtime_dependencies():
+    root = ET.parse(REPO / "package.xml").getroot()
+    assert root.get("format") == "3"
+    assert root.findtext("name") == "uncertain_seg_ros"
+    assert root.findtext("version") == uncertain_seg_ros.__version__
+    assert root.find("export/build_type").text == "ament_python"
+    exec_deps = {e.text for e in root.findall("exec_depend")}
+    assert {"rclpy", "sensor_msgs", "std_msgs", "diagnostic_msgs", "python3-numpy", "python3-opencv"} <= exec_deps
+
+
+def test_setup_version_and_ament_marker():
+    assert f'version="{uncertain_seg_ros.__version__}"' in (REPO / "setup.py").read_text()
+    assert (REPO / "resource" / "uncertain_seg_ros").is_file()
+    assert "script_dir=$base/lib/uncertain_seg_ros" in (REPO / "setup.cfg").read_text()
+
+
+def test_every_data_file_exists():
+    files = _setup_namespace()["_data_files"]()
+    destinations = {dest for dest, _ in files}
+    assert "share/ament_index/resource_index/packages" in destinations
+    assert "share/uncertain_seg_ros/models/camvid_demo" in destinations
+    for _, sources in files:
+        for src in sources:
+            assert (REPO / src).is_file(), src
+
+
+def test_console_script_is_installed():
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert scripts.get("uncertain-seg") == "uncertain_seg_training.cli:main"
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (REPO / "uncertain_seg_ros").rglob("*.py") if "ros" not in p.relative_to(REPO / "uncertain_seg_ros").parts[:-1]), ids=lambda p: str(p.relative_to(REPO)))
+def test_core_imports_no_ros_and_no_training(path):
+    """The core is usable without ROS and never reaches up into training or the node."""
+    for name in _imports(path):
+        assert name.split(".")[0] not in ROS_MODULES, f"{path.name} imports {name}"
+        assert not name.startswith(("uncertain_seg_training", "uncertain_seg_ros.ros")), f"{path.name} imports {name}"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "training").rglob("*.py")), ids=lambda p: str(p.relative_to(REPO)))
+def test_training_never_imports_the_node(path):
+    for name in _imports(path):
+        assert not name.startswith("uncertain_seg_ros.ros"), f"{path.name} imports {name}"
+        assert name.split(".")[0] not in ROS_MODULES, f"{path.name} imports {name}"

@@ -1,0 +1,92 @@
+"""The core predictor: outputs equal the plain computation, only requested outputs, batching, options."""
+import numpy as np
+import pytest
+import torch
+
+from uncertain_seg_ros.bundle import load_bundle, save_bundle
+from uncertain_seg_ros.inference import OUTPUT_KINDS, Predictor, PredictorOptions
+from uncertain_seg_ros.model import UncertainSegmenter
+from uncertain_seg_ros.overlay import overlay
+from uncertain_seg_ros.prediction import decode
+from uncertain_seg_ros.preprocessing import to_input
+
+from conftest import tiny_bundle_config
+
+
+def _plain(bundle, image):
+    """Labels and uncertainty of one frame computed directly from the core functions."""
+    cfg = bundle.config
+    x = to_input(torch.from_numpy(image)[None], (cfg.input.height, cfg.input.width), cfg.input.mean, cfg.input.std)
+    with torch.no_grad():
+        logits, loss = bundle.model(x)
+    return decode(logits, loss, image.shape[:2], cfg.calibration, cfg.uncertainty_source, cfg.mask_threshold)
+
+
+@pytest.fixture
+def bundle(tiny_bundle):
+    return load_bundle(tiny_bundle)
+
+
+def test_outputs_equal_plain_computation_with_mixed_sizes(bundle):
+    """Two cameras of one size batch together, a third of another size runs apart; results are per frame."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, s, dtype=np.uint8) for s in [(60, 80, 3), (60, 80, 3), (45, 70, 3)]]
+    outs = Predictor(bundle).run(images)
+    for image, out in zip(images, outs):
+        ref = _plain(bundle, image)
+        assert np.array_equal(out.labels, ref.labels[0].numpy().astype(np.uint8))
+        np.testing.assert_allclose(out.uncertainty, ref.uncertainty[0].numpy(), atol=1e-5)
+        assert np.array_equal(out.mask, ref.mask[0].numpy().astype(np.uint8) * 255)
+        assert out.labels.shape == image.shape[:2] and out.labels.dtype == np.uint8
+        assert out.uncertainty.dtype == np.float32 and out.overlay.shape == image.shape
+        assert out.labels_color.shape == image.shape and out.uncertainty_color.dtype == np.uint8
+        assert np.array_equal(out.labels_color, bundle.config.palette[out.labels])
+        assert out.uncertain_fraction == pytest.approx(ref.mask.float().mean().item())
+
+
+def test_only_requested_outputs_are_computed(bundle):
+    out = Predictor(bundle).run([np.zeros((28, 42, 3), np.uint8)], {"mask"})[0]
+    assert out.mask is not None
+    assert all(getattr(out, k) is None for k in OUTPUT_KINDS if k != "mask")
+    with pytest.raises(ValueError, match="unknown outputs"):
+        Predictor(bundle).run([np.zeros((28, 42, 3), np.uint8)], {"depth"})
+
+
+def test_threshold_override(bundle):
+    image = np.random.default_rng(1).integers(0, 255, (28, 42, 3), dtype=np.uint8)
+    none = Predictor(bundle, PredictorOptions(mask_threshold=1.0)).run([image], {"mask"})[0]
+    all_ = Predictor(bundle, PredictorOptions(mask_threshold=0.0)).run([image], {"mask"})[0]
+    assert not none.mask.any() and (all_.mask == 255).all()
+
+
+def test_many_classes_give_uint16_labels(tmp_path):
+    cfg = tiny_bundle_config()
+    classes = [type(cfg.classes[0])(i, f"c{i}", (i % 256, 0, 0)) for i in range(300)]
+    cfg.classes = classes
+    cfg.model = type(cfg.model)(300, cfg.model.backbone, cfg.model.n_last_blocks, cfg.model.uncertainty_hidden)
+    bundle = load_bundle(save_bundle(tmp_path / "b", UncertainSegmenter(cfg.model), cfg))
+    out = Predictor(bundle).run([np.zeros((28, 42, 3), np.uint8)], {"labels"})[0]
+    assert out.labels.dtype == np.uint16
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"precision": "int4"}, "precision"), ({"colormap": "jet"}, "colormap"),
+    ({"overlay_alpha": 1.5}, "overlay_alpha"), ({"mask_threshold": -0.1}, "mask_threshold")])
+def test_invalid_options_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PredictorOptions(**kwargs)
+
+
+def test_fp16_on_cpu_rejected(bundle):
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        Predictor(bundle, PredictorOptions(precision="fp16"))
+
+
+def test_overlay_hand_worked():
+    """alpha 0.25: 0.75*image + 0.25*colour; a masked pixel is then averaged with magenta."""
+    image = torch.tensor([[[100, 100, 100], [0, 0, 0]]], dtype=torch.uint8)
+    colours = torch.tensor([[[200, 0, 0], [0, 200, 0]]], dtype=torch.uint8)
+    mask = torch.tensor([[False, True]])
+    out = overlay(image, colours, mask, alpha=0.25)
+    assert out[0, 0].tolist() == [125, 75, 75]
+    assert out[0, 1].tolist() == [128, 25, 128]

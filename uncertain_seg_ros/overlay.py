@@ -1,0 +1,21 @@
+"""The RViz overlay: the camera image blended with the class colours, uncertain pixels marked."""
+import torch
+
+MARK_COLOR = (255, 0, 255)
+
+
+def overlay(
+    image: torch.Tensor,
+    labels_rgb: torch.Tensor,
+    mask: torch.Tensor,
+    alpha: float = 0.5,
+    mark_color: tuple[int, int, int] = MARK_COLOR,
+) -> torch.Tensor:
+    """(H, W, 3) uint8: ``(1 - alpha) * image + alpha * labels_rgb``, masked pixels half-blended with ``mark_color``.
+
+    Everything stays on the tensors' device; only the result is downloaded by the caller.
+    """
+    out = image.float() * (1.0 - alpha) + labels_rgb.float() * alpha
+    mark = torch.tensor(mark_color, dtype=out.dtype, device=out.device)
+    out = torch.where(mask.unsqueeze(-1), 0.5 * out + 0.5 * mark, out)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
