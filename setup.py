@@ -12,7 +12,7 @@ def _data_files() -> list[tuple[str, list[str]]]:
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.py")),
-        (f"share/{PACKAGE}/config", glob("config/*")),
+        (f"share/{PACKAGE}/config", sorted(glob("config/*"))),
     ]
     for checksums in sorted(glob("models/*/checksums.sha256")):
         name = checksums.split("/")[1]
@@ -43,6 +43,7 @@ setup(
         "pyyaml>=6",
         "opencv-python-headless>=4.7",
         "tqdm>=4.60",
+        "rosbags>=0.10",
     ],
     extras_require={
         "train": ["matplotlib>=3.6"],
@@ -53,6 +54,10 @@ setup(
     entry_points={
         "console_scripts": [
             "uncertain-seg = uncertain_seg_training.cli:main",
+            "perception_node = uncertain_seg_ros.ros.perception_node:main",
+        ],
+        "uncertain_seg_ros.commands": [
+            "ros = uncertain_seg_ros.ros.commands:register",
         ],
     },
     zip_safe=True,

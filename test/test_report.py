@@ -10,12 +10,12 @@ import torch
 
 from uncertain_seg_ros.colormap import COLORMAPS, colorize_labels, colorize_scalar, default_palette, lut
 from uncertain_seg_ros.metrics import CalibrationBins, ConfusionMatrix, MisclassificationCurves
+from uncertain_seg_ros.montage import GAP as _GAP
+from uncertain_seg_ros.montage import HEADER_HEIGHT as _HEADER_H
+from uncertain_seg_ros.montage import MAX_WIDTH as MONTAGE_MAX_WIDTH
+from uncertain_seg_ros.montage import NAME_HEIGHT as _NAME_H
 from uncertain_seg_training.report import (
-    _GAP,
-    _HEADER_H,
-    _NAME_H,
     _VOID_GREY,
-    MONTAGE_MAX_WIDTH,
     MontageRow,
     metrics_dict,
     montage_image,

@@ -4,6 +4,9 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
+
+PLUGIN_GROUP = "uncertain_seg_ros.commands"
 
 DESCRIPTION = """\
 Train, evaluate and package DINOv2 segmenters with per-pixel uncertainty for the
@@ -14,6 +17,11 @@ uncertain_seg_ros node.
              several processes / GPUs: torchrun --nproc-per-node N -m uncertain_seg_training.cli train ...
   evaluate   mIoU, misclassification detection (max F0.5, AUROC, AUPR, FPR95) and ECE of a
              bundle on a labelled folder; writes metrics.json and a Markdown report with plots.
+  bag        rosbag tools: info, extract and write (no ROS install needed), play (needs rclpy).
+  demo       the perception node on the bundled sample bag; outputs written as PNGs + montage.
+
+Commands that talk to a ROS 2 graph (bag play, record, demo) are registered by the node package
+through the 'uncertain_seg_ros.commands' entry-point group.
 """
 
 
@@ -82,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N frames")
     p.add_argument("--title", default=None, help="report title")
     p.set_defaults(func=_evaluate)
+
+    from .bag_commands import register as register_bag
+
+    groups = {"": sub, "bag": register_bag(sub)}
+    for plugin in entry_points(group=PLUGIN_GROUP):
+        plugin.load()(groups)
     return parser
 
 

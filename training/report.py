@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from uncertain_seg_ros.atomic_io import atomic_write_bytes, atomic_write_text
 from uncertain_seg_ros.colormap import colorize_labels, colorize_scalar, default_palette
 from uncertain_seg_ros.metrics import CalibrationBins, ConfusionMatrix, MisclassificationCurves
+from uncertain_seg_ros.montage import fit, image_grid, tile_width
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,6 @@ FIGURES = {
     "montage.png": "Examples",
 }
 MONTAGE_COLUMNS = ("input", "ground truth", "prediction", "uncertainty", "flagged", "errors")
-MONTAGE_MAX_WIDTH = 1980
-_MIN_TILE_W = 160
-_GAP = 4
-_HEADER_H = 30
-_NAME_H = 22
-_BACKGROUND = 255
 _VOID_GREY = 128
 
 
@@ -234,37 +229,25 @@ def _roc_figure(curves: Mapping[str, MisclassificationCurves]) -> Figure:
     return fig
 
 
-def _text_band(width: int, height: int, texts: list[tuple[int, str]], scale: float = 0.5) -> np.ndarray:
-    """A white band with black text; ``texts`` holds (x, text) pairs."""
-    band = np.full((height, width, 3), _BACKGROUND, dtype=np.uint8)
-    for x, text in texts:
-        cv2.putText(band, text, (x + 2, height - 8), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
-    return band
-
-
-def _row_tiles(row: MontageRow, palette: np.ndarray, ignore_index: int | None, tile_w: int) -> list[np.ndarray]:
-    """The six RGB tiles of one example, each resized to ``tile_w`` wide keeping the label aspect."""
+def _row_tiles(row: MontageRow, palette: np.ndarray, ignore_index: int | None, width: int) -> list[np.ndarray]:
+    """The six RGB tiles of one example, each resized to ``width`` keeping the label aspect."""
     target = np.asarray(row.target)
     prediction = np.asarray(row.prediction)
     if target.shape != prediction.shape:
         raise ValueError(f"{row.name}: target {target.shape} and prediction {prediction.shape} differ")
-    h, w = target.shape
-    tile_h = max(1, round(tile_w * h / w))
     void = (target < 0) | (target >= len(palette))
     if ignore_index is not None:
         void |= target == ignore_index
     errors = np.where(void, _VOID_GREY, np.where(prediction != target, 255, 0)).astype(np.uint8)
     flagged = np.where(np.asarray(row.mask, dtype=bool), 255, 0).astype(np.uint8)
-    image = np.asarray(row.image, dtype=np.uint8)
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    smooth = [image, colorize_scalar(np.asarray(row.uncertainty))]
-    nearest = [colorize_labels(target, palette), colorize_labels(prediction, palette),
-               np.repeat(flagged[..., None], 3, axis=2), np.repeat(errors[..., None], 3, axis=2)]
-    size = (tile_w, tile_h)
-    img_tile, unc_tile = (cv2.resize(t, size, interpolation=cv2.INTER_AREA) for t in smooth)
-    gt_tile, pred_tile, mask_tile, err_tile = (cv2.resize(t, size, interpolation=cv2.INTER_NEAREST) for t in nearest)
-    return [img_tile, gt_tile, pred_tile, unc_tile, mask_tile, err_tile]
+    return [
+        fit(row.image, width),
+        fit(colorize_labels(target, palette), width, nearest=True),
+        fit(colorize_labels(prediction, palette), width, nearest=True),
+        fit(colorize_scalar(np.asarray(row.uncertainty)), width),
+        fit(flagged, width, nearest=True),
+        fit(errors, width, nearest=True),
+    ]
 
 
 def montage_image(rows: list[MontageRow], palette: np.ndarray, ignore_index: int | None = None) -> np.ndarray:
@@ -273,26 +256,9 @@ def montage_image(rows: list[MontageRow], palette: np.ndarray, ignore_index: int
     Columns: input, ground truth and prediction (palette colours, void black), uncertainty
     (inferno, 0..1), flagged pixels (white), actual errors (white = wrong, grey = void).
     """
-    n = len(MONTAGE_COLUMNS)
-    tile_w = (MONTAGE_MAX_WIDTH - (n + 1) * _GAP) // n
-    if rows:  # native resolution where it fits, but never so small that the column titles overlap
-        widest = max(np.asarray(r.target).shape[1] for r in rows)
-        tile_w = int(np.clip(widest, _MIN_TILE_W, tile_w))
-    width = n * tile_w + (n + 1) * _GAP
-    header = _text_band(width, _HEADER_H, [(_GAP + i * (tile_w + _GAP), c) for i, c in enumerate(MONTAGE_COLUMNS)])
-    parts = [header]
-    if not rows:
-        parts.append(_text_band(width, _NAME_H, [(_GAP, "(no examples)")], scale=0.45))
-    for row in rows:
-        tiles = _row_tiles(row, palette, ignore_index, tile_w)
-        gap = np.full((tiles[0].shape[0], _GAP, 3), _BACKGROUND, dtype=np.uint8)
-        strip = [gap]
-        for tile in tiles:
-            strip += [tile, gap]
-        parts.append(_text_band(width, _NAME_H, [(_GAP, row.name)], scale=0.45))
-        parts.append(np.concatenate(strip, axis=1))
-    parts.append(np.full((_GAP, width, 3), _BACKGROUND, dtype=np.uint8))
-    return np.concatenate(parts, axis=0)
+    widest = max(np.asarray(r.target).shape[1] for r in rows) if rows else None
+    width = tile_width(len(MONTAGE_COLUMNS), widest)
+    return image_grid(list(MONTAGE_COLUMNS), [(r.name, _row_tiles(r, palette, ignore_index, width)) for r in rows], width)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

@@ -85,9 +85,17 @@ class Predictor:
             return self.model(x)
 
     @torch.inference_mode()
-    def run(self, images: list[np.ndarray], wanted: set[str] | frozenset[str] = frozenset(OUTPUT_KINDS)) -> list[FrameOutputs]:
-        """Segment (H, W, 3) uint8 RGB frames; frames of equal size share one network call."""
-        unknown = set(wanted) - set(OUTPUT_KINDS)
+    def run(
+        self, images: list[np.ndarray], wanted: set[str] | frozenset[str] | list[set[str]] = frozenset(OUTPUT_KINDS)
+    ) -> list[FrameOutputs]:
+        """Segment (H, W, 3) uint8 RGB frames; frames of equal size share one network call.
+
+        ``wanted`` names the outputs to compute, for all frames or as one set per frame.
+        """
+        per_frame = [set(w) for w in wanted] if isinstance(wanted, list) else [set(wanted)] * len(images)
+        if len(per_frame) != len(images):
+            raise ValueError(f"{len(per_frame)} output sets for {len(images)} frames")
+        unknown = set().union(*per_frame) - set(OUTPUT_KINDS)
         if unknown:
             raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUT_KINDS}")
         uploaded = [torch.from_numpy(np.ascontiguousarray(im)).to(self.device, non_blocking=True) for im in images]
@@ -98,7 +106,7 @@ class Predictor:
         for size, idx in groups.items():
             logits, loss = self._network([uploaded[i] for i in idx])
             for j, i in enumerate(idx):
-                results[i] = self._outputs(uploaded[i], logits[j : j + 1], loss[j : j + 1], size, wanted)
+                results[i] = self._outputs(uploaded[i], logits[j : j + 1], loss[j : j + 1], size, per_frame[i])
         return results
 
     def _outputs(self, image: torch.Tensor, logits: torch.Tensor, loss: torch.Tensor, size: tuple[int, int], wanted) -> FrameOutputs:

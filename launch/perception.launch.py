@@ -1,0 +1,61 @@
+"""Start the uncertain_seg_ros perception node, and optionally RViz with the overlay layout.
+
+    ros2 launch uncertain_seg_ros perception.launch.py camera_topics:="['/front/image_raw']" rviz:=true
+
+Arguments mirror the node's parameters and override the params file; the rest goes in the params file.
+"""
+import os
+from typing import List
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument
+from launch.conditions import IfCondition
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
+
+PACKAGE = "uncertain_seg_ros"
+
+
+def generate_launch_description() -> LaunchDescription:
+    share = get_package_share_directory(PACKAGE)
+    arguments = [
+        DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", "perception.yaml"),
+                              description="YAML parameters of perception_node"),
+        DeclareLaunchArgument("camera_topics", default_value="['/camera/image_raw']",
+                              description="image topics to segment, as a YAML list"),
+        DeclareLaunchArgument("model", default_value="camvid_demo",
+                              description="model bundle folder, or the name of a shipped bundle"),
+        DeclareLaunchArgument("backend", default_value="auto", description="auto, torch, onnxruntime or tensorrt"),
+        DeclareLaunchArgument("device", default_value="auto", description="auto, cpu, cuda or cuda:N"),
+        DeclareLaunchArgument("transport", default_value="raw", description="raw or compressed"),
+        DeclareLaunchArgument("input_qos", default_value="sensor_data",
+                              description="sensor_data, reliable, best_effort or system_default"),
+        DeclareLaunchArgument("rviz", default_value="false", description="also start RViz with config/perception.rviz"),
+    ]
+    node = Node(
+        package=PACKAGE,
+        executable="perception_node",
+        name="perception_node",
+        output="screen",
+        parameters=[
+            LaunchConfiguration("params_file"),
+            {
+                "camera_topics": ParameterValue(LaunchConfiguration("camera_topics"), value_type=List[str]),
+                "model": LaunchConfiguration("model"),
+                "backend": LaunchConfiguration("backend"),
+                "device": LaunchConfiguration("device"),
+                "transport": LaunchConfiguration("transport"),
+                "input_qos": LaunchConfiguration("input_qos"),
+            },
+        ],
+    )
+    rviz = Node(
+        package="rviz2",
+        executable="rviz2",
+        name="rviz2",
+        arguments=["-d", os.path.join(share, "config", "perception.rviz")],
+        condition=IfCondition(LaunchConfiguration("rviz")),
+    )
+    return LaunchDescription([*arguments, node, rviz])

@@ -1,0 +1,107 @@
+"""Helpers for tests on a real ROS 2 graph: an isolated domain, a node process, a spinning tester node."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import rclpy
+from rclpy.executors import MultiThreadedExecutor
+
+from uncertain_seg_ros.ros.qos import qos_profile
+
+
+def isolate() -> int:
+    """A random private ROS domain on loopback, for this process and the processes it starts."""
+    domain = random.randint(1, 101)
+    os.environ["ROS_DOMAIN_ID"] = str(domain)
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    return domain
+
+
+class NodeProcess:
+    """``perception_node`` in a child process with parameters; its output in a log file."""
+
+    def __init__(self, params: dict[str, str], log_path: Path) -> None:
+        args = [sys.executable, "-m", "uncertain_seg_ros.ros.perception_node", "--ros-args"]
+        for k, v in params.items():
+            args += ["-p", f"{k}:={v}"]
+        self.log_path = log_path
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen(args, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=env)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int:
+        if self.alive():
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                return self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+class Tester:
+    """A node in the test process, spun by a background executor, that collects messages by topic."""
+
+    def __init__(self, name: str = "tester") -> None:
+        if not rclpy.ok():
+            rclpy.init()
+        self.node = rclpy.create_node(name)
+        self.executor = MultiThreadedExecutor()
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+        self.lock = threading.Lock()
+        self.received: dict[str, list] = {}
+        self.subs = {}
+        self.pubs = {}
+
+    def subscribe(self, msg_type, topic: str, qos: str = "reliable") -> None:
+        self.received.setdefault(topic, [])
+
+        def store(msg, t=topic):
+            with self.lock:
+                self.received[t].append(msg)
+
+        self.subs[topic] = self.node.create_subscription(msg_type, topic, store, qos_profile(qos, 50))
+
+    def unsubscribe(self, topic: str) -> None:
+        self.node.destroy_subscription(self.subs.pop(topic))
+
+    def publisher(self, msg_type, topic: str, qos: str = "reliable"):
+        if topic not in self.pubs:
+            self.pubs[topic] = self.node.create_publisher(msg_type, topic, qos_profile(qos, 10))
+        return self.pubs[topic]
+
+    def wait(self, condition, timeout: float = 30.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            time.sleep(0.02)
+        raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+    def connected(self, timeout: float = 60.0) -> None:
+        """Wait until every publisher has a subscriber and every subscription a publisher (discovery)."""
+        self.wait(lambda: all(p.get_subscription_count() > 0 for p in self.pubs.values())
+                  and all(s.get_publisher_count() > 0 for s in self.subs.values()), timeout, "discovery")
+
+    def messages(self, topic: str, stamp_ns: int | None = None) -> list:
+        with self.lock:
+            msgs = list(self.received.get(topic, []))
+        if stamp_ns is None:
+            return msgs
+        return [m for m in msgs if m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec == stamp_ns]
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.node.destroy_node()

@@ -1,0 +1,75 @@
+"""One subscribed camera: its latest-frame slot, its output publishers and its statistics."""
+import threading
+
+from rclpy.node import Node
+from sensor_msgs.msg import Image
+
+from ..inference import OUTPUT_KINDS
+from .qos import qos_profile
+from .stream_stats import StreamStats
+
+OUTPUT_ENCODINGS = {
+    "labels": "mono8",
+    "labels_color": "rgb8",
+    "uncertainty": "32FC1",
+    "uncertainty_color": "rgb8",
+    "mask": "mono8",
+    "overlay": "rgb8",
+}
+
+
+def output_namespace(image_topic: str, sub_namespace: str) -> str:
+    """``/front/image_raw`` -> ``/front/<sub_namespace>``: each camera's outputs beside its image topic."""
+    parent = image_topic.rsplit("/", 1)[0]
+    return f"{parent}/{sub_namespace}"
+
+
+class CameraStream:
+    """Latest frame wins: a new frame replaces an unprocessed one, which is counted as dropped."""
+
+    def __init__(self, node: Node, topic: str, outputs: tuple[str, ...], sub_namespace: str, qos: str, depth: int,
+                 max_rate_hz: float, labels_encoding: str) -> None:
+        self.topic = topic
+        self.namespace = output_namespace(topic, sub_namespace)
+        self.stats = StreamStats()
+        self.encodings = {**OUTPUT_ENCODINGS, "labels": labels_encoding}
+        self.publishers = {
+            kind: node.create_publisher(Image, f"{self.namespace}/{kind}", qos_profile(qos, depth))
+            for kind in OUTPUT_KINDS if kind in outputs
+        }
+        self._min_period = 1.0 / max_rate_hz if max_rate_hz > 0 else 0.0
+        self._lock = threading.Lock()
+        self._slot = None
+        self._last_accepted = float("-inf")
+        self._warned: set[str] = set()
+        self.bad_reported = 0
+
+    def offer(self, msg, now: float) -> bool:
+        """Called by the subscription callback; returns True when the frame was queued for inference."""
+        self.stats.arrived(now)
+        with self._lock:
+            if now - self._last_accepted < self._min_period:
+                self.stats.count("rate_limited")
+                return False
+            self._last_accepted = now
+            if self._slot is not None:
+                self.stats.count("dropped")
+            self._slot = (msg, now)
+        return True
+
+    def take(self):
+        """The waiting (message, arrival time), or None; empties the slot."""
+        with self._lock:
+            item, self._slot = self._slot, None
+        return item
+
+    def wanted(self) -> set[str]:
+        """Outputs that currently have at least one subscriber."""
+        return {kind for kind, pub in self.publishers.items() if pub.get_subscription_count() > 0}
+
+    def first_time(self, key: str) -> bool:
+        """True the first time ``key`` is seen on this camera (for log-once warnings)."""
+        if key in self._warned:
+            return False
+        self._warned.add(key)
+        return True

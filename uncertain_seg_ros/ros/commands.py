@@ -1,0 +1,134 @@
+"""``uncertain-seg`` commands that need a ROS 2 graph: ``bag play``, ``record`` and ``demo``.
+
+Registered through the ``uncertain_seg_ros.commands`` entry point, so the training package's CLI
+offers them without importing the node. rclpy is imported only when one of them runs.
+"""
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ..resources import sample_path
+
+ROS_HINT = ('this command needs the ROS 2 Python packages; without a ROS install: '
+            'pip install "ros-jazzy-rclpy[fastrtps]" ros-sensor-msgs ros-std-msgs ros-diagnostic-msgs')
+
+
+def _ros():
+    try:
+        import rclpy
+    except ImportError as exc:
+        raise SystemExit(f"{ROS_HINT} ({exc})") from exc
+    return rclpy
+
+
+def _spin_in_background(node):
+    from rclpy.executors import MultiThreadedExecutor
+
+    executor = MultiThreadedExecutor()
+    executor.add_node(node)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    return executor
+
+
+def _play(args: argparse.Namespace) -> int:
+    rclpy = _ros()
+    from .bag_player import BagPlayer
+
+    remap = dict(r.split(":=", 1) for r in args.remap)
+    rclpy.init()
+    node = rclpy.create_node("uncertain_seg_bag_player")
+    executor = _spin_in_background(node)
+    try:
+        player = BagPlayer(node, args.bags, args.topic or None, args.qos, remap)
+        if args.wait_subscribers and not player.wait_for_subscribers(args.wait_subscribers, args.wait_timeout):
+            print(f"warning: fewer than {args.wait_subscribers} subscribers after {args.wait_timeout} s; playing anyway",
+                  file=sys.stderr)
+        for _ in range(args.loop or 1):
+            report = player.play(args.rate)
+            for topic, count in report.published.items():
+                print(f"{topic}: {count} messages in {report.duration_s:.2f} s")
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+def _record(args: argparse.Namespace) -> int:
+    rclpy = _ros()
+    from .camera_stream import output_namespace
+    from .output_recorder import OutputRecorder
+
+    rclpy.init()
+    node = rclpy.create_node("uncertain_seg_recorder")
+    recorder = OutputRecorder(node, args.camera_topic, output_namespace(args.camera_topic, args.output_namespace),
+                              Path(args.out), qos=args.qos)
+    executor = _spin_in_background(node)
+    try:
+        time.sleep(args.duration)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        executor.shutdown()
+        montage = recorder.write_montage(Path(args.out) / "montage.png")
+        node.destroy_node()
+        rclpy.try_shutdown()
+    print(f"recorded {len(recorder.stamps('overlay'))} frames to {args.out}; montage: {montage}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    _ros()
+    from .demo import run_demo
+
+    bag = Path(args.bag) if args.bag else sample_path("camvid_dusk_bag")
+    summary = run_demo(bag, Path(args.out), args.model, args.topic, args.rate, args.device, args.timeout, args.domain_id)
+    print(f"frames in: {summary['frames_in']}, frames out: {summary['frames_out']}")
+    lat = summary["latency_ms"]
+    if lat["p50"] is not None:
+        print(f"latency publish -> overlay received: p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms, max {lat['max']:.1f} ms")
+    print(f"outputs: {summary['outputs']}/<output>/<stamp>.png; montage: {summary['montage']}")
+    return 0 if summary["all_frames_answered"] else 1
+
+
+def register(groups: dict[str, argparse._SubParsersAction]) -> None:
+    """Add ``bag play`` to the ``bag`` group and ``record`` and ``demo`` to the top level."""
+    p = groups["bag"].add_parser("play", help="publish a bag's image topics into a ROS 2 graph (needs rclpy)",
+                                 description="Publish the Image/CompressedImage/CameraInfo topics of rosbag2 (sqlite3, "
+                                             "mcap) or ROS 1 bags as recorded, at the recorded pace scaled by --rate.")
+    p.add_argument("bags", nargs="+", help="bag folders or files")
+    p.add_argument("--topic", action="append", default=[], help="topic to play (repeatable; default: all playable)")
+    p.add_argument("--rate", type=float, default=1.0, help="playback speed factor; 0 = as fast as possible (default: 1)")
+    p.add_argument("--qos", default="reliable", help="publisher QoS: reliable (default), best_effort, sensor_data")
+    p.add_argument("--remap", action="append", default=[], metavar="FROM:=TO", help="publish topic FROM as TO")
+    p.add_argument("--loop", type=int, default=1, help="play the bag N times (default: 1)")
+    p.add_argument("--wait-subscribers", type=int, default=1, help="wait for N subscribers per topic first (default: 1)")
+    p.add_argument("--wait-timeout", type=float, default=30.0, help="seconds to wait for subscribers (default: 30)")
+    p.set_defaults(func=_play)
+
+    p = groups[""].add_parser("record", help="write a camera's images and the node's outputs as PNGs (needs rclpy)",
+                              description="Subscribe to a camera topic and the perception node's outputs for it and write "
+                                          "every message as <out>/<output>/<stamp_ns>.png, then a montage.png.")
+    p.add_argument("--camera-topic", default="/camera/image_raw", help="the camera topic the node segments")
+    p.add_argument("--output-namespace", default="segmentation", help="the node's output_namespace parameter")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds to record (default: 10; Ctrl-C stops early)")
+    p.add_argument("--qos", default="reliable", help="subscription QoS (default: reliable)")
+    p.set_defaults(func=_record)
+
+    p = groups[""].add_parser("demo", help="the perception node on the bundled sample bag; outputs as PNGs + montage",
+                              description="Starts perception_node in its own process, plays the sample bag (five CamVid "
+                                          "dusk frames) into it with the project's player, records every output as PNG, "
+                                          "writes montage.png and summary.json and prints frames in/out and latency. "
+                                          "Runs on a private ROS domain on localhost unless --domain-id is given.")
+    p.add_argument("--bag", default=None, help="bag to play (default: the shipped samples/camvid_dusk_bag)")
+    p.add_argument("--topic", default="/camera/image_raw", help="image topic in the bag (default: /camera/image_raw)")
+    p.add_argument("--model", default="camvid_demo", help="model bundle (default: the shipped camvid_demo)")
+    p.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
+    p.add_argument("--rate", type=float, default=1.0, help="playback speed factor (default: 1)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    p.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds (default: 120)")
+    p.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID to use (default: a random private one)")
+    p.set_defaults(func=_demo)

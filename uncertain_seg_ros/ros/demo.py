@@ -1,0 +1,111 @@
+"""``uncertain-seg demo``: the perception node on a bag, every output written to a folder.
+
+Three parts on a real ROS 2 graph: the node in its own process (as on a robot), and in this
+process the bag player and a recorder. The graph is isolated (a random ROS_DOMAIN_ID, discovery
+on localhost only) unless a domain is given, and QoS is reliable end to end, so the result does
+not depend on DDS luck: the player waits for the node to subscribe, the recorder for the node's
+publishers, and the demo waits until every frame's outputs have arrived.
+"""
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic_io import atomic_write_text
+from ..inference import OUTPUT_KINDS
+from .camera_stream import output_namespace
+
+log = logging.getLogger(__name__)
+
+
+def isolate_graph(domain_id: int | None) -> int:
+    """Put this process (and its children) on a private DDS domain reachable over loopback only."""
+    domain = domain_id if domain_id is not None else random.randint(1, 101)
+    os.environ["ROS_DOMAIN_ID"] = str(domain)
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    return domain
+
+
+def start_node(params: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """``perception_node`` in a child process, its log in ``log_path``."""
+    args = [sys.executable, "-m", "uncertain_seg_ros.ros.perception_node", "--ros-args"]
+    for name, value in params.items():
+        args += ["-p", f"{name}:={value}"]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(args, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def stop_node(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+def run_demo(bag: Path, out: Path, model: str = "camvid_demo", topic: str = "/camera/image_raw", rate: float = 1.0,
+             device: str = "auto", timeout_s: float = 120.0, domain_id: int | None = None) -> dict:
+    """Play ``bag`` into the node, record every output under ``out``, write a montage and a summary."""
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+
+    from .bag_player import BagPlayer
+    from .output_recorder import MONTAGE_COLUMNS, OutputRecorder
+
+    domain = isolate_graph(domain_id)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    node_params = {"model": model, "device": device, "input_qos": "reliable", "camera_topics": f"[{topic}]"}
+    proc = start_node(node_params, out / "node.log")
+    rclpy.init()
+    node = rclpy.create_node("uncertain_seg_demo")
+    executor = MultiThreadedExecutor()
+    executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    try:
+        player = BagPlayer(node, [bag], [topic], qos="reliable")
+        recorder = OutputRecorder(node, topic, output_namespace(topic, "segmentation"), out)
+        deadline = time.monotonic() + timeout_s
+        print(f"demo: ROS_DOMAIN_ID={domain}; waiting for perception_node (loading {model}) ...", flush=True)
+        while not (recorder.connected() and player.wait_for_subscribers(2, 0.1)):
+            if proc.poll() is not None:
+                raise RuntimeError(f"perception_node exited with code {proc.returncode}; see {out / 'node.log'}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"perception_node did not come up within {timeout_s:.0f} s; see {out / 'node.log'}")
+            time.sleep(0.1)
+        print(f"demo: playing {bag} at rate {rate} ...", flush=True)
+        report = player.play(rate)
+        stamps = {stamp for (_, stamp) in report.sent_at}
+        sent = {stamp: t for (_, stamp), t in report.sent_at.items()}
+        complete = recorder.wait_for(stamps, OUTPUT_KINDS, max(5.0, deadline - time.monotonic()))
+        montage = recorder.write_montage(out / "montage.png")
+        latency = recorder.latencies_ms(sent, "overlay")
+        summary = {
+            "bag": str(bag), "model": model, "ros_domain_id": domain, "frames_in": len(stamps),
+            "frames_out": {k: len(stamps & recorder.stamps(k)) for k in OUTPUT_KINDS},
+            "all_frames_answered": complete,
+            "latency_ms": {"p50": float(np.percentile(latency, 50)) if latency.size else None,
+                           "p95": float(np.percentile(latency, 95)) if latency.size else None,
+                           "max": float(latency.max()) if latency.size else None},
+            "montage": str(montage) if montage else None,
+            "montage_columns": list(MONTAGE_COLUMNS),
+            "outputs": str(out),
+        }
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+        stop_node(proc)

@@ -1,0 +1,115 @@
+"""The node's parameters: declared with descriptions, read once, validated at start-up."""
+from dataclasses import dataclass
+
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.node import Node
+
+from ..colormap import COLORMAPS
+from ..inference import OUTPUT_KINDS
+from ..inference.predictor import PRECISIONS
+from .qos import QOS_PRESETS
+
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+TRANSPORTS = ("raw", "compressed")
+
+# name -> (default, description). Every entry is documented in config/perception.yaml too.
+PARAMETERS: dict[str, tuple[object, str]] = {
+    "model": ("camvid_demo", "model bundle: a folder path, or the name of a bundle shipped with the package"),
+    "backend": ("auto", f"inference backend, one of {BACKENDS}; auto picks the fastest available"),
+    "device": ("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N"),
+    "precision": ("fp32", f"network precision, one of {tuple(PRECISIONS)} (fp16 needs CUDA)"),
+    "camera_topics": (["/camera/image_raw"], "image topics to segment; outputs go under <topic's namespace>/<output_namespace>/"),
+    "transport": ("raw", "raw: sensor_msgs/Image on the topic; compressed: sensor_msgs/CompressedImage on <topic>/compressed"),
+    "input_qos": ("sensor_data", f"QoS of the camera subscriptions, one of {tuple(QOS_PRESETS)}"),
+    "input_depth": (2, "history depth of the camera subscriptions (latest frame wins anyway)"),
+    "output_qos": ("reliable", f"QoS of the output publishers, one of {tuple(QOS_PRESETS)}"),
+    "output_depth": (2, "history depth of the output publishers"),
+    "outputs": (list(OUTPUT_KINDS), f"outputs to publish, any of {OUTPUT_KINDS}; each is computed only while it has subscribers"),
+    "output_namespace": ("segmentation", "sub-namespace of each camera's outputs"),
+    "overlay_alpha": (0.5, "weight of the class colours in the overlay, 0..1"),
+    "colormap": ("inferno", f"colour map of the uncertainty image, one of {COLORMAPS}"),
+    "mask_threshold": (-1.0, "misclassification-mask threshold in [0, 1]; negative: use the bundle's calibrated threshold"),
+    "max_rate_hz": (0.0, "per-camera processing rate limit in Hz; 0 = as fast as frames come"),
+    "uncertainty_alarm": (0.3, "diagnostics turn WARN when the fraction of uncertain pixels exceeds this, 0..1"),
+    "diagnostics_period": (1.0, "seconds between /diagnostics messages"),
+}
+
+
+class ParameterError(ValueError):
+    """A parameter has a value the node cannot run with."""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    model: str
+    backend: str
+    device: str
+    precision: str
+    camera_topics: tuple[str, ...]
+    transport: str
+    input_qos: str
+    input_depth: int
+    output_qos: str
+    output_depth: int
+    outputs: tuple[str, ...]
+    output_namespace: str
+    overlay_alpha: float
+    colormap: str
+    mask_threshold: float | None
+    max_rate_hz: float
+    uncertainty_alarm: float
+    diagnostics_period: float
+
+
+def _one_of(name: str, value: str, allowed) -> str:
+    if value not in allowed:
+        raise ParameterError(f"parameter '{name}' is {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
+def _in_range(name: str, value: float, low: float, high: float | None = None) -> float:
+    if value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ParameterError(f"parameter '{name}' is {value}; it must be {bound}")
+    return value
+
+
+def declare_and_read(node: Node) -> NodeSettings:
+    """Declare every parameter (with its description) and return validated settings."""
+    for name, (default, description) in PARAMETERS.items():
+        node.declare_parameter(name, default, ParameterDescriptor(description=description))
+    p = {name: node.get_parameter(name).value for name in PARAMETERS}
+    topics = tuple(p["camera_topics"])
+    if not topics or any(not t for t in topics):
+        raise ParameterError("parameter 'camera_topics' must list at least one non-empty topic name")
+    if len(set(topics)) != len(topics):
+        raise ParameterError(f"parameter 'camera_topics' lists a topic twice: {list(topics)}")
+    outputs = tuple(p["outputs"])
+    for o in outputs:
+        _one_of("outputs", o, OUTPUT_KINDS)
+    device = p["device"]
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ParameterError(f"parameter 'device' is {device!r}; allowed: auto, cpu, cuda, cuda:N")
+    if not p["output_namespace"] or "/" in p["output_namespace"].strip("/"):
+        raise ParameterError("parameter 'output_namespace' must be one non-empty name without '/'")
+    threshold = p["mask_threshold"]
+    return NodeSettings(
+        model=p["model"],
+        backend=_one_of("backend", p["backend"], BACKENDS),
+        device=device,
+        precision=_one_of("precision", p["precision"], tuple(PRECISIONS)),
+        camera_topics=topics,
+        transport=_one_of("transport", p["transport"], TRANSPORTS),
+        input_qos=_one_of("input_qos", p["input_qos"], tuple(QOS_PRESETS)),
+        input_depth=int(_in_range("input_depth", p["input_depth"], 1)),
+        output_qos=_one_of("output_qos", p["output_qos"], tuple(QOS_PRESETS)),
+        output_depth=int(_in_range("output_depth", p["output_depth"], 1)),
+        outputs=outputs,
+        output_namespace=p["output_namespace"].strip("/"),
+        overlay_alpha=_in_range("overlay_alpha", float(p["overlay_alpha"]), 0.0, 1.0),
+        colormap=_one_of("colormap", p["colormap"], COLORMAPS),
+        mask_threshold=None if threshold < 0 else _in_range("mask_threshold", float(threshold), 0.0, 1.0),
+        max_rate_hz=_in_range("max_rate_hz", float(p["max_rate_hz"]), 0.0),
+        uncertainty_alarm=_in_range("uncertainty_alarm", float(p["uncertainty_alarm"]), 0.0, 1.0),
+        diagnostics_period=_in_range("diagnostics_period", float(p["diagnostics_period"]), 0.05),
+    )

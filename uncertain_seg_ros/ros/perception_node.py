@@ -1,0 +1,168 @@
+"""``perception_node``: camera images in; labels, uncertainty, misclassification mask and overlay out.
+
+Thin by design: parameters, subscriptions, publishers and short callbacks. Callbacks only park the
+newest frame of each camera; one inference thread takes the newest frames of all cameras, runs
+them through the core's Predictor in one batch and publishes what has subscribers, with the input
+header, at the camera's resolution.
+"""
+import sys
+import threading
+import time
+
+import numpy as np
+import rclpy
+import torch
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.event_handler import SubscriptionEventCallbacks
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from sensor_msgs.msg import CompressedImage, Image
+
+from ..bundle import BundleError, load_bundle
+from ..image_encoding import ImageDataError, UnsupportedEncodingError
+from ..inference import Predictor, PredictorOptions
+from ..resources import resolve_bundle
+from .camera_stream import CameraStream
+from .conversions import array_to_message, message_to_rgb8
+from .diagnostics import camera_status
+from .parameters import NodeSettings, ParameterError, declare_and_read
+from .qos import qos_profile
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ParameterError(f"parameter 'device' is {name!r} but no CUDA device is available; use auto or cpu")
+    return name
+
+
+def _backend(name: str) -> str:
+    if name in ("auto", "torch"):
+        return "torch"
+    raise ParameterError(f"parameter 'backend' is {name!r}, which this build does not provide yet; use auto or torch")
+
+
+class PerceptionNode(Node):
+    def __init__(self, **kwargs) -> None:
+        super().__init__("perception_node", **kwargs)
+        self.settings: NodeSettings = declare_and_read(self)
+        s = self.settings
+        self.backend = _backend(s.backend)
+        device = _device(s.device)
+        bundle_path = resolve_bundle(s.model)
+        bundle = load_bundle(bundle_path, device)
+        self.predictor = Predictor(bundle, PredictorOptions(device, s.precision, s.mask_threshold, s.colormap, s.overlay_alpha))
+        labels_encoding = "mono8" if self.predictor.label_dtype == np.uint8 else "mono16"
+        self.info = {"backend": self.backend, "device": device, "precision": s.precision,
+                     "model_id": bundle.model_id, "model_name": bundle.config.name}
+
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.cameras: list[CameraStream] = []
+        msg_type = CompressedImage if s.transport == "compressed" else Image
+        for topic in s.camera_topics:
+            resolved = self.resolve_topic_name(topic)
+            camera = CameraStream(self, resolved, s.outputs, s.output_namespace, s.output_qos, s.output_depth,
+                                  s.max_rate_hz, labels_encoding)
+            source = f"{resolved}/compressed" if s.transport == "compressed" else resolved
+            events = SubscriptionEventCallbacks(incompatible_qos=lambda info, t=source: self._incompatible_qos(t, info))
+            self.create_subscription(msg_type, source, lambda msg, c=camera: self._on_frame(c, msg),
+                                     qos_profile(s.input_qos, s.input_depth), event_callbacks=events)
+            self.cameras.append(camera)
+            self.get_logger().info(f"segmenting {source} ({msg_type.__name__}, QoS {s.input_qos}) -> {camera.namespace}/"
+                                   f"{{{','.join(camera.publishers)}}}")
+        self.diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_timer(s.diagnostics_period, self._publish_diagnostics)
+        self._worker = threading.Thread(target=self._work, name="inference", daemon=True)
+        self._worker.start()
+        self.get_logger().info(f"model {bundle.config.name} ({bundle_path}, id {bundle.model_id}) on {device}, "
+                               f"backend {self.backend}, {s.precision}")
+
+    def _incompatible_qos(self, topic: str, info) -> None:
+        self.get_logger().warning(
+            f"a publisher on {topic} has an incompatible QoS (policy {info.last_policy_kind.name}); no frames will "
+            f"arrive from it. The subscription uses input_qos '{self.settings.input_qos}': a best-effort camera "
+            "needs 'sensor_data' or 'best_effort'.")
+
+    def _on_frame(self, camera: CameraStream, msg) -> None:
+        if camera.offer(msg, time.monotonic()):
+            self._wake.set()
+
+    def _decode(self, camera: CameraStream, msg):
+        """RGB array of a message, or None (logged, counted) for bad input; the node keeps running."""
+        try:
+            return message_to_rgb8(msg)
+        except UnsupportedEncodingError as exc:
+            if camera.first_time(f"encoding:{getattr(msg, 'encoding', getattr(msg, 'format', ''))}"):
+                self.get_logger().error(f"{camera.topic}: {exc}; skipping such frames (logged once)")
+        except (ImageDataError, ValueError) as exc:
+            self.get_logger().warning(f"{camera.topic}: bad frame skipped: {exc}", throttle_duration_sec=5.0)
+        camera.stats.count("bad")
+        return None
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            if not self._wake.wait(timeout=0.1):
+                continue
+            self._wake.clear()
+            batch = []
+            for camera in self.cameras:
+                item = camera.take()
+                if item is None:
+                    continue
+                wanted = camera.wanted()
+                image = self._decode(camera, item[0])
+                if image is not None and wanted:
+                    batch.append((camera, item, image, wanted))
+            if not batch:
+                continue
+            try:
+                results = self.predictor.run([b[2] for b in batch], [b[3] for b in batch])
+            except Exception as exc:  # a failing frame must not kill the node; the reason is logged
+                self.get_logger().error(f"inference failed: {exc!r}", throttle_duration_sec=5.0)
+                continue
+            for (camera, (msg, arrived), _, wanted), out in zip(batch, results):
+                for kind in wanted:
+                    camera.publishers[kind].publish(array_to_message(getattr(out, kind), camera.encodings[kind], msg.header))
+                now = time.monotonic()
+                camera.stats.published(now, now - arrived, out.uncertain_fraction)
+
+    def _publish_diagnostics(self) -> None:
+        array = DiagnosticArray()
+        array.header.stamp = self.get_clock().now().to_msg()
+        for camera in self.cameras:
+            snap = camera.stats.snapshot()
+            array.status.append(camera_status(camera.topic, snap, snap.bad - camera.bad_reported,
+                                              self.settings.uncertainty_alarm, self.info))
+            camera.bad_reported = snap.bad
+        self.diagnostics.publish(array)
+
+    def destroy_node(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._worker.is_alive():
+            self._worker.join(timeout=5.0)
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> int:
+    rclpy.init(args=args)
+    try:
+        node = PerceptionNode()
+    except (ParameterError, BundleError, FileNotFoundError, ValueError) as exc:
+        rclpy.logging.get_logger("perception_node").fatal(str(exc))
+        rclpy.try_shutdown()
+        return 1
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
