@@ -4,6 +4,9 @@ from glob import glob
 from setuptools import find_packages, setup
 
 PACKAGE = "uncertain_seg_ros"
+# ROS 2 Jazzy's Python packages as wheels, for machines without a ROS install (a sourced ROS 2
+# workspace provides them otherwise). The message packages are pinned to Jazzy's 5.3.x.
+ROS_WHEELS = ["ros-jazzy-rclpy[fastrtps]", "ros-sensor-msgs==5.3.6", "ros-std-msgs==5.3.6", "ros-diagnostic-msgs==5.3.6"]
 
 
 def _data_files() -> list[tuple[str, list[str]]]:
@@ -18,6 +21,7 @@ def _data_files() -> list[tuple[str, list[str]]]:
         name = checksums.split("/")[1]
         files.append((f"share/{PACKAGE}/models/{name}", sorted(glob(f"models/{name}/*"))))
     files.append((f"share/{PACKAGE}/samples/camvid_dusk", sorted(glob("samples/camvid_dusk/*.*"))))
+    files.append((f"share/{PACKAGE}/samples/camvid_dusk_bag", sorted(glob("samples/camvid_dusk_bag/*"))))
     for sub in ("images", "labels"):
         files.append((f"share/{PACKAGE}/samples/camvid_dusk/{sub}", sorted(glob(f"samples/camvid_dusk/{sub}/*"))))
     return [(dest, srcs) for dest, srcs in files if srcs]
@@ -46,10 +50,11 @@ setup(
         "rosbags>=0.10",
     ],
     extras_require={
+        "ros": ROS_WHEELS,
         "train": ["matplotlib>=3.6"],
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
         "tensorrt": ["torch-tensorrt>=2.1"],
-        "test": ["pytest>=7", "scikit-learn>=1.2", "matplotlib>=3.6"],
+        "test": ["pytest>=7", "scikit-learn>=1.2", "matplotlib>=3.6", *ROS_WHEELS],
     },
     entry_points={
         "console_scripts": [

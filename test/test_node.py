@@ -100,9 +100,12 @@ def graph(tmp_path_factory):
         tester.publisher(Image, cam)
     try:
         tester.connected(timeout=90)
+        graph = {"node": node, "tester": tester, "bundle": load_bundle(bundle_path)}
+        for cam in CAMERAS[:2]:
+            latest_status(graph, cam, lambda s: s["outputs_subscribed"] == ",".join(sorted(OUTPUT_KINDS)), 30)
     except TimeoutError:
         pytest.fail("node did not come up:\n" + node.log())
-    yield {"node": node, "tester": tester, "bundle": load_bundle(bundle_path)}
+    yield graph
     tester.close()
     code = node.stop()
     assert code == 0, node.log()
@@ -231,7 +234,7 @@ def test_no_subscribers_no_computation(graph):
         pub.publish(raw_message(scene(), "rgb8", next_stamp()))
         time.sleep(0.2)
     status = latest_status(graph, CAMERAS[2], lambda s: int(s["frames_received"]) >= 3)
-    assert status["frames_processed"] == "0"
+    assert status["frames_processed"] == "0" and status["outputs_subscribed"] == ""
 
 
 def test_diagnostics_content(graph):
@@ -258,7 +261,10 @@ def test_compressed_transport_and_corrupt_jpeg(graph, tmp_path):
         pub = tester.publisher(CompressedImage, "/cam_z/image_raw/compressed")
         for kind in OUTPUT_KINDS:
             tester.subscribe(Image, f"/cam_z/segmentation/{kind}")
+        tester.subscribe(DiagnosticArray, "/diagnostics")
         tester.connected(timeout=90)
+        everything = ",".join(sorted(OUTPUT_KINDS))
+        latest_status({"tester": tester}, "/cam_z/image_raw", lambda s: s["outputs_subscribed"] == everything, 30)
         rgb = scene(seed=7)
         for fmt, ext in [("jpeg", ".jpg"), ("rgb8; png compressed bgr8", ".png"), ("corrupt", ".jpg")]:
             stamp = next_stamp()

@@ -53,6 +53,33 @@ def stop_node(proc: subprocess.Popen) -> int:
     return proc.wait()
 
 
+class ServingMonitor:
+    """Watches /diagnostics for the outputs the node reports as subscribed, per camera topic.
+
+    Seeing the node's publishers from here does not mean the node has seen our subscriptions yet
+    (discovery completes on each side separately), and the node computes only subscribed outputs;
+    so the demo starts playing only once the node itself reports every output as subscribed.
+    """
+
+    def __init__(self, node) -> None:
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        self._serving: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+        node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
+
+    def _on_diagnostics(self, msg) -> None:
+        with self._lock:
+            for status in msg.status:
+                values = {kv.key: kv.value for kv in status.values}
+                if "outputs_subscribed" in values:
+                    self._serving[status.hardware_id] = set(filter(None, values["outputs_subscribed"].split(",")))
+
+    def serving(self, topic: str, kinds) -> bool:
+        with self._lock:
+            return set(kinds) <= self._serving.get(topic, set())
+
+
 def run_demo(bag: Path, out: Path, model: str = "camvid_demo", topic: str = "/camera/image_raw", rate: float = 1.0,
              device: str = "auto", timeout_s: float = 120.0, domain_id: int | None = None) -> dict:
     """Play ``bag`` into the node, record every output under ``out``, write a montage and a summary."""
@@ -65,7 +92,8 @@ def run_demo(bag: Path, out: Path, model: str = "camvid_demo", topic: str = "/ca
     domain = isolate_graph(domain_id)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    node_params = {"model": model, "device": device, "input_qos": "reliable", "camera_topics": f"[{topic}]"}
+    node_params = {"model": model, "device": device, "input_qos": "reliable", "camera_topics": f"[{topic}]",
+                   "diagnostics_period": "0.25"}
     proc = start_node(node_params, out / "node.log")
     rclpy.init()
     node = rclpy.create_node("uncertain_seg_demo")
@@ -76,9 +104,10 @@ def run_demo(bag: Path, out: Path, model: str = "camvid_demo", topic: str = "/ca
     try:
         player = BagPlayer(node, [bag], [topic], qos="reliable")
         recorder = OutputRecorder(node, topic, output_namespace(topic, "segmentation"), out)
+        monitor = ServingMonitor(node)
         deadline = time.monotonic() + timeout_s
         print(f"demo: ROS_DOMAIN_ID={domain}; waiting for perception_node (loading {model}) ...", flush=True)
-        while not (recorder.connected() and player.wait_for_subscribers(2, 0.1)):
+        while not (recorder.connected() and monitor.serving(topic, OUTPUT_KINDS) and player.wait_for_subscribers(2, 0.1)):
             if proc.poll() is not None:
                 raise RuntimeError(f"perception_node exited with code {proc.returncode}; see {out / 'node.log'}")
             if time.monotonic() > deadline:
@@ -88,7 +117,7 @@ def run_demo(bag: Path, out: Path, model: str = "camvid_demo", topic: str = "/ca
         report = player.play(rate)
         stamps = {stamp for (_, stamp) in report.sent_at}
         sent = {stamp: t for (_, stamp), t in report.sent_at.items()}
-        complete = recorder.wait_for(stamps, OUTPUT_KINDS, max(5.0, deadline - time.monotonic()))
+        complete = recorder.wait_for(stamps, OUTPUT_KINDS, 30.0)
         montage = recorder.write_montage(out / "montage.png")
         latency = recorder.latencies_ms(sent, "overlay")
         summary = {

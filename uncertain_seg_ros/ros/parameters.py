@@ -23,7 +23,7 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "input_qos": ("sensor_data", f"QoS of the camera subscriptions, one of {tuple(QOS_PRESETS)}"),
     "input_depth": (2, "history depth of the camera subscriptions (latest frame wins anyway)"),
     "output_qos": ("reliable", f"QoS of the output publishers, one of {tuple(QOS_PRESETS)}"),
-    "output_depth": (2, "history depth of the output publishers"),
+    "output_depth": (10, "history depth of the output publishers; reliable delivery can only repair a lost sample still in it"),
     "outputs": (list(OUTPUT_KINDS), f"outputs to publish, any of {OUTPUT_KINDS}; each is computed only while it has subscribers"),
     "output_namespace": ("segmentation", "sub-namespace of each camera's outputs"),
     "overlay_alpha": (0.5, "weight of the class colours in the overlay, 0..1"),

@@ -133,8 +133,9 @@ class PerceptionNode(Node):
         array.header.stamp = self.get_clock().now().to_msg()
         for camera in self.cameras:
             snap = camera.stats.snapshot()
+            info = {**self.info, "outputs_subscribed": ",".join(sorted(camera.wanted()))}
             array.status.append(camera_status(camera.topic, snap, snap.bad - camera.bad_reported,
-                                              self.settings.uncertainty_alarm, self.info))
+                                              self.settings.uncertainty_alarm, info))
             camera.bad_reported = snap.bad
         self.diagnostics.publish(array)
 

@@ -1,0 +1,76 @@
+"""Launch file, params file and RViz config: what can be checked without launch_ros (not installable here).
+
+They parse; every file they name exists; every launch argument and params-file entry is a node
+parameter with the same default; RViz shows the topics the node publishes for the default camera.
+"""
+import ast
+from pathlib import Path
+
+import yaml
+
+from uncertain_seg_ros.inference import OUTPUT_KINDS
+from uncertain_seg_ros.ros.camera_stream import output_namespace
+from uncertain_seg_ros.ros.parameters import PARAMETERS
+
+from conftest import REPO
+
+LAUNCH = REPO / "launch" / "perception.launch.py"
+
+
+def _launch_calls(name: str) -> list[ast.Call]:
+    tree = ast.parse(LAUNCH.read_text())
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == name]
+
+
+def _launch_arguments() -> dict[str, str | None]:
+    """Argument name -> default (None where the default is computed, e.g. a share-directory path)."""
+    args = {}
+    for call in _launch_calls("DeclareLaunchArgument"):
+        default = next(k.value for k in call.keywords if k.arg == "default_value")
+        args[call.args[0].value] = default.value if isinstance(default, ast.Constant) else None
+    return args
+
+
+def test_launch_file_parses_and_defines_generate_launch_description():
+    tree = ast.parse(LAUNCH.read_text())
+    assert any(isinstance(n, ast.FunctionDef) and n.name == "generate_launch_description" for n in tree.body)
+
+
+def test_launch_arguments_mirror_node_parameters():
+    args = _launch_arguments()
+    assert {"params_file", "rviz"} <= set(args)
+    for name, default in args.items():
+        if name in ("params_file", "rviz"):
+            continue
+        assert name in PARAMETERS, f"launch argument {name} is not a node parameter"
+        expected = PARAMETERS[name][0]
+        assert (yaml.safe_load(default) if isinstance(expected, list) else default) == expected, name
+
+
+def test_launch_starts_the_installed_executable_and_names_existing_files():
+    node = next(c for c in _launch_calls("Node") if any(k.arg == "executable" and k.value.value == "perception_node" for k in c.keywords))
+    assert next(k.value.id for k in node.keywords if k.arg == "package") == "PACKAGE"
+    source = LAUNCH.read_text()
+    assert 'PACKAGE = "uncertain_seg_ros"' in source
+    for relative in ("config/perception.yaml", "config/perception.rviz"):
+        folder, name = relative.split("/")
+        assert f'"{folder}", "{name}"' in source
+        assert (REPO / relative).is_file()
+    assert "perception_node = uncertain_seg_ros.ros.perception_node:main" in (REPO / "setup.py").read_text()
+
+
+def test_params_file_lists_every_parameter_with_its_default():
+    params = yaml.safe_load((REPO / "config" / "perception.yaml").read_text())["perception_node"]["ros__parameters"]
+    assert set(params) == set(PARAMETERS)
+    for name, (default, _) in PARAMETERS.items():
+        assert params[name] == default, name
+
+
+def test_rviz_config_shows_the_node_outputs():
+    rviz = yaml.safe_load((REPO / "config" / "perception.rviz").read_text())
+    displays = rviz["Visualization Manager"]["Displays"]
+    topics = {d["Topic"]["Value"] for d in displays if d["Class"] == "rviz_default_plugins/Image"}
+    namespace = output_namespace(PARAMETERS["camera_topics"][0][0], PARAMETERS["output_namespace"][0])
+    assert {f"{namespace}/{k}" for k in ("overlay", "uncertainty_color", "mask")} <= topics
+    assert topics <= {f"{namespace}/{k}" for k in OUTPUT_KINDS}
+    assert all(d["Topic"]["Reliability Policy"] == "Reliable" for d in displays)
