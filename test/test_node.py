@@ -13,7 +13,7 @@ from sensor_msgs.msg import CompressedImage, Image
 import cv2
 
 from uncertain_seg_ros.bundle import load_bundle
-from uncertain_seg_ros.image_encoding import image_to_rgb8
+from uncertain_seg_ros.image_encoding import SUPPORTED_ENCODINGS, image_to_rgb8
 from uncertain_seg_ros.inference import OUTPUT_KINDS
 from uncertain_seg_ros.prediction import decode
 from uncertain_seg_ros.preprocessing import to_input
@@ -21,6 +21,7 @@ from uncertain_seg_ros.preprocessing import to_input
 from ros_graph import NodeProcess, Tester, isolate
 
 CAMERAS = ["/cam_a/image_raw", "/cam_b/image_raw", "/cam_idle/image_raw"]
+MIXED = "/cam_m/image_raw/compressed"
 ENCODINGS = {"labels": "mono8", "labels_color": "rgb8", "uncertainty": "32FC1", "uncertainty_color": "rgb8",
              "mask": "mono8", "overlay": "rgb8"}
 _stamp = [1_000]
@@ -37,36 +38,35 @@ def _header(msg, stamp_ns: int, frame_id: str):
     return msg
 
 
-def raw_message(rgb: np.ndarray, encoding: str, stamp_ns: int, pad: int = 0, big_endian: bool = False) -> Image:
-    """An Image in ``encoding`` made from an RGB array with plain numpy (independent of the node's code)."""
+def _pixels(rgb: np.ndarray, encoding: str) -> np.ndarray:
+    """The pixel array of ``encoding`` made from RGB with plain numpy (independent of the node's code)."""
     h, w, _ = rgb.shape
-    r, g, b = (rgb[..., i] for i in range(3))
-    grey = (0.299 * r + 0.587 * g + 0.114 * b).round().astype(np.uint8)
-    alpha = np.full((h, w), 255, np.uint8)
-    if encoding == "rgb8":
-        px = rgb
-    elif encoding == "bgr8":
-        px = rgb[..., ::-1]
-    elif encoding == "rgba8":
-        px = np.dstack([rgb, alpha])
-    elif encoding == "bgra8":
-        px = np.dstack([rgb[..., ::-1], alpha])
-    elif encoding == "mono8":
-        px = grey
-    elif encoding in ("mono16", "rgb16"):
-        px = (grey if encoding == "mono16" else rgb).astype(np.uint16) * 257
-        px = px.astype(">u2" if big_endian else "<u2")
-    elif encoding == "bayer_rggb8":
+    grey = (rgb @ np.array([0.299, 0.587, 0.114])).round().astype(np.uint8)
+    alpha = np.full((h, w, 1), 255, np.uint8)
+    base = encoding.removesuffix("16").removesuffix("8")
+    if base.startswith("bayer_"):
+        pattern = base[6:]
         px = np.zeros((h, w), np.uint8)
-        px[0::2, 0::2], px[0::2, 1::2], px[1::2, 0::2], px[1::2, 1::2] = r[0::2, 0::2], g[0::2, 1::2], g[1::2, 0::2], b[1::2, 1::2]
-    elif encoding in ("yuv422", "yuv422_yuy2"):
+        for (dy, dx), colour in zip([(0, 0), (0, 1), (1, 0), (1, 1)], pattern):
+            px[dy::2, dx::2] = rgb[dy::2, dx::2, "rgb".index(colour)]
+    elif encoding in ("yuv422", "uyvy", "yuv422_yuy2", "yuyv"):
         yuv = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV)
-        y, u, v = yuv[..., 0], yuv[..., 1], yuv[..., 2]
         chroma = np.empty((h, w), np.uint8)
-        chroma[:, 0::2], chroma[:, 1::2] = u[:, 0::2], v[:, 0::2]
-        px = np.dstack([chroma, y] if encoding == "yuv422" else [y, chroma])
+        chroma[:, 0::2], chroma[:, 1::2] = yuv[:, 0::2, 1], yuv[:, 0::2, 2]
+        pair = [chroma, yuv[..., 0]] if encoding in ("yuv422", "uyvy") else [yuv[..., 0], chroma]
+        return np.dstack(pair)
     else:
-        raise ValueError(encoding)
+        px = {"rgb": rgb, "bgr": rgb[..., ::-1], "rgba": np.dstack([rgb, alpha]), "bgra": np.dstack([rgb[..., ::-1], alpha]),
+              "mono": grey}[base]
+    return px.astype(np.uint16) * 257 if encoding.endswith("16") else px
+
+
+def raw_message(rgb: np.ndarray, encoding: str, stamp_ns: int, pad: int = 0, big_endian: bool = False) -> Image:
+    """An Image in ``encoding`` with ``pad`` garbage bytes per row and the given byte order."""
+    h, w, _ = rgb.shape
+    px = _pixels(rgb, encoding)
+    if px.dtype == np.uint16:
+        px = px.astype(">u2" if big_endian else "<u2")
     row = np.ascontiguousarray(px).view(np.uint8).reshape(h, -1)
     row = np.hstack([row, np.full((h, pad), 77, np.uint8)])
     msg = Image(height=h, width=w, encoding=encoding, is_bigendian=int(big_endian), step=row.shape[1])
@@ -89,7 +89,7 @@ def graph(tmp_path_factory):
     bundle_path = save_bundle(tmp / "bundle", UncertainSegmenter(config.model), config)
     isolate()
     node = NodeProcess({"model": str(bundle_path), "device": "cpu", "input_qos": "reliable", "diagnostics_period": "0.5",
-                        "camera_topics": "[" + ",".join(CAMERAS) + "]"}, tmp / "node.log")
+                        "camera_topics": "[" + ",".join(CAMERAS + [MIXED]) + "]"}, tmp / "node.log")
     tester = Tester()
     tester.subscribe(DiagnosticArray, "/diagnostics")
     for cam in CAMERAS[:2]:
@@ -98,6 +98,9 @@ def graph(tmp_path_factory):
             tester.subscribe(Image, f"{ns}/{kind}")
     for cam in CAMERAS:
         tester.publisher(Image, cam)
+    tester.publisher(CompressedImage, MIXED)
+    for kind in OUTPUT_KINDS:
+        tester.subscribe(Image, f"/cam_m/segmentation/{kind}")
     try:
         tester.connected(timeout=90)
         graph = {"node": node, "tester": tester, "bundle": load_bundle(bundle_path)}
@@ -141,9 +144,9 @@ def scene(h: int = 46, w: int = 62, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("encoding, pad, big", [
-    ("rgb8", 0, False), ("rgb8", 6, False), ("bgr8", 0, False), ("rgba8", 4, False), ("bgra8", 0, False),
-    ("mono8", 3, False), ("mono16", 0, False), ("mono16", 4, True), ("rgb16", 2, True), ("bayer_rggb8", 0, False),
-    ("yuv422", 4, False), ("yuv422_yuy2", 0, False)])
+    *[(e, 0, False) for e in SUPPORTED_ENCODINGS],
+    ("rgb8", 6, False), ("rgba8", 4, False), ("mono8", 3, False), ("mono16", 4, True), ("rgb16", 2, True),
+    ("bgra16", 8, True), ("bayer_gbrg16", 4, True), ("yuv422", 4, False), ("yuyv", 8, False)])
 def test_every_encoding_gives_the_core_result(graph, encoding, pad, big):
     """Outputs have the input header, the camera's size, the documented encodings, and equal the core's result."""
     rgb = scene(seed=len(encoding) + pad)
@@ -225,6 +228,17 @@ def latest_status(graph, camera: str, condition=lambda s: True, timeout: float =
 
     tester.wait(check, timeout, f"diagnostics of {camera}")
     return found
+
+
+def test_raw_and_compressed_cameras_mixed(graph):
+    """A topic listed as .../compressed is read as CompressedImage; its outputs go under the base topic's namespace."""
+    rgb = scene(seed=21)
+    stamp = next_stamp()
+    msg = _header(CompressedImage(format="png"), stamp, "cam_m")
+    msg.data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+    graph["tester"].pubs[MIXED].publish(msg)
+    out = outputs_for(graph, "/cam_m/image_raw", stamp)
+    assert np.array_equal(as_array(out["labels"]), core_result(graph["bundle"], rgb).labels[0].numpy())
 
 
 def test_no_subscribers_no_computation(graph):

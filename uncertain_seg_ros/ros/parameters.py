@@ -19,7 +19,8 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "device": ("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N"),
     "precision": ("fp32", f"network precision, one of {tuple(PRECISIONS)} (fp16 needs CUDA)"),
     "camera_topics": (["/camera/image_raw"], "image topics to segment; outputs go under <topic's namespace>/<output_namespace>/"),
-    "transport": ("raw", "raw: sensor_msgs/Image on the topic; compressed: sensor_msgs/CompressedImage on <topic>/compressed"),
+    "transport": ("raw", "raw: sensor_msgs/Image on each topic; compressed: sensor_msgs/CompressedImage on <topic>/compressed "
+                         "(a topic listed as .../compressed is compressed whatever this says)"),
     "input_qos": ("sensor_data", f"QoS of the camera subscriptions, one of {tuple(QOS_PRESETS)}"),
     "input_depth": (2, "history depth of the camera subscriptions (latest frame wins anyway)"),
     "output_qos": ("reliable", f"QoS of the output publishers, one of {tuple(QOS_PRESETS)}"),

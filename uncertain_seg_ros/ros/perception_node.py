@@ -60,12 +60,13 @@ class PerceptionNode(Node):
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.cameras: list[CameraStream] = []
-        msg_type = CompressedImage if s.transport == "compressed" else Image
         for topic in s.camera_topics:
             resolved = self.resolve_topic_name(topic)
-            camera = CameraStream(self, resolved, s.outputs, s.output_namespace, s.output_qos, s.output_depth,
+            compressed = s.transport == "compressed" or resolved.endswith("/compressed")
+            base = resolved.removesuffix("/compressed")
+            source, msg_type = (f"{base}/compressed", CompressedImage) if compressed else (base, Image)
+            camera = CameraStream(self, base, s.outputs, s.output_namespace, s.output_qos, s.output_depth,
                                   s.max_rate_hz, labels_encoding)
-            source = f"{resolved}/compressed" if s.transport == "compressed" else resolved
             events = SubscriptionEventCallbacks(incompatible_qos=lambda info, t=source: self._incompatible_qos(t, info))
             self.create_subscription(msg_type, source, lambda msg, c=camera: self._on_frame(c, msg),
                                      qos_profile(s.input_qos, s.input_depth), event_callbacks=events)
