@@ -14,13 +14,22 @@ from uncertain_seg_ros.atomic_io import atomic_directory
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
+EXTRA_FILE = "extra.safetensors"
 STATE_FILE = "state.json"
 
 
 def save_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, extra: dict
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    extra: dict,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write model, optimizer and RNG state at ``step`` to the folder ``path`` (replaced atomically)."""
+    """Write model, optimizer and RNG state at ``step`` to the folder ``path`` (replaced atomically).
+
+    ``extra_tensors`` holds further state a stage needs to resume exactly (e.g. an EMA teacher).
+    """
     opt = optimizer.state_dict()
     tensors = {"rng.torch": torch.get_rng_state()}
     for idx, slots in opt["state"].items():
@@ -33,11 +42,16 @@ def save_checkpoint(
     with atomic_directory(path) as tmp:
         save_file(model_state, str(tmp / MODEL_FILE))
         save_file(tensors, str(tmp / OPTIMIZER_FILE))
+        if extra_tensors:
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()}, str(tmp / EXTRA_FILE))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore a checkpoint folder into ``model`` and ``optimizer``; returns ``state.json``."""
+    """Restore a checkpoint folder into ``model`` and ``optimizer``; returns ``state.json``.
+
+    Extra tensors saved with the checkpoint come back under the key ``"extra_tensors"``.
+    """
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (expected {STATE_FILE})")
@@ -53,4 +67,5 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
+    state["extra_tensors"] = load_file(str(path / EXTRA_FILE)) if (path / EXTRA_FILE).is_file() else {}
     return state

@@ -15,6 +15,7 @@ uncertain_seg_ros node.
   train      supervised training on a labelled folder (images/ + labels/ + classes.yaml);
              writes checkpoints, a JSON-lines log and a model bundle. Use torchrun for
              several processes / GPUs: torchrun --nproc-per-node N -m uncertain_seg_training.cli train ...
+  adapt      adapt a bundle to a new site from unlabelled bags: Masked gamma-SSL, MaskMatch.
   evaluate   mIoU, misclassification detection (max F0.5, AUROC, AUPR, FPR95) and ECE of a
              bundle on a labelled folder; writes metrics.json and a Markdown report with plots.
   bag        rosbag tools: info, extract and write (no ROS install needed), play (needs rclpy).
@@ -34,7 +35,10 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
             continue
-        kind = type(f.default[0]) if isinstance(f.default, tuple) else type(f.default)
+        if isinstance(f.default, tuple):
+            kind = type(f.default[0]) if f.default else str
+        else:
+            kind = type(f.default)
         parser.add_argument(flag, type=kind, default=f.default, help=f"{help_text} (default: {f.default})", **meta)
 
 
@@ -47,6 +51,23 @@ def _train(args: argparse.Namespace) -> int:
     if not values["data"]:
         raise SystemExit("train: --data is required")
     path = train(TrainConfig(**values))
+    print(f"{'bundle' if path.name == 'bundle' else 'checkpoint'}: {path}")
+    return 0
+
+
+def _dataclass_from_args(cls: type, args: argparse.Namespace):
+    """Build a config dataclass from parsed options (lists become tuples)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in fields}
+    return cls(**values)
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    from .adapt import AdaptConfig, adapt
+
+    if not args.bundle or not args.data:
+        raise SystemExit("adapt: --bundle and --data are required")
+    path = adapt(_dataclass_from_args(AdaptConfig, args))
     print(f"{'bundle' if path.name == 'bundle' else 'checkpoint'}: {path}")
     return 0
 
@@ -78,6 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--backbone dinov2_vits14 --pretrained dinov2_vits14_pretrain.pth --backbone-lr-mult 0.1 --out runs/vits14"))
     _add_dataclass_options(p, TrainConfig)
     p.set_defaults(func=_train)
+
+    from .adapt import AdaptConfig
+
+    p = sub.add_parser("adapt", help="adapt a bundle to a new site from its unlabelled bags (Masked gamma-SSL, MaskMatch)",
+                       description=(
+        "Adapts a trained bundle to unlabelled target frames read from bags (or an image folder), keeping the "
+        "supervised loss on the labelled source data. gamma_ssl: a frozen copy of the input model labels the full "
+        "image, the trained model sees it with half its patches masked and must agree where it is certain (gamma "
+        "re-set per batch from the disagreement rate). maskmatch: an EMA teacher's multi-scale, confidence-"
+        "thresholded pseudo-labels supervise a student that sees heavily masked images. Calibrate the result "
+        "afterwards (uncertain-seg calibrate). Example: uncertain-seg adapt --bundle runs/vits14/bundle --data "
+        "../shared/data/camvid/day/train --target-bags dusk_bag --out runs/adapt"))
+    _add_dataclass_options(p, AdaptConfig)
+    p.set_defaults(func=_adapt)
 
     p = sub.add_parser("evaluate", help="evaluate a bundle on a labelled folder and write a report", description=(
         "Streams a labelled folder through a bundle and writes metrics.json, report.md, reliability.png, "
