@@ -21,7 +21,6 @@ checkpoints and ``--resume`` work as in ``train``.
 import copy
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -37,6 +36,7 @@ from uncertain_seg_ros import __version__
 from uncertain_seg_ros.bags import extract_frames
 from uncertain_seg_ros.bundle import load_bundle, save_bundle
 from uncertain_seg_ros.calibration import Calibration
+from uncertain_seg_ros.image_files import list_images, read_rgb
 from uncertain_seg_ros.model import UncertainSegmenter
 from uncertain_seg_ros.prediction import upsample
 from uncertain_seg_ros.preprocessing import to_input
@@ -45,15 +45,29 @@ from uncertain_seg_ros.resources import resolve_bundle
 from . import distributed
 from .augment import AugmentConfig, sample_rng, train_transform
 from .checkpoint import load_checkpoint, save_checkpoint
-from .datasets import IMAGE_SUFFIXES, LabelledFolder, read_rgb
-from .losses import CLASS_WEIGHTINGS, class_weights, ranking_loss
-from .train import IGNORE, StepBatches, TrainSet, _autocast, _opt, _trim_log, _validate, lr_factor, param_groups
+from .datasets import LabelledFolder
+from .losses import class_weights
+from .train import (
+    IGNORE,
+    LoopConfig,
+    StepBatches,
+    TrainSet,
+    _autocast,
+    _opt,
+    _trim_log,
+    _validate,
+    checkpoint_due,
+    optimisation_step,
+    param_groups,
+    set_learning_rate,
+    supervised_losses,
+)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class AdaptConfig:
+class AdaptConfig(LoopConfig):
     bundle: str = _opt("", "input bundle (the supervised model to adapt): a folder or a shipped bundle name")
     data: str = _opt("", "labelled SOURCE folder; its supervised loss is kept alongside (weight 1)")
     target_bags: tuple[str, ...] = _opt((), "bags recorded at the new site (rosbag2 folders or ROS 1 .bag files)", nargs="+")
@@ -62,8 +76,6 @@ class AdaptConfig:
     stride: int = _opt(1, "keep every N-th bag frame")
     min_interval: float = _opt(0.0, "minimum seconds between kept bag frames")
     dedupe: float = _opt(0.01, "skip near-duplicate bag frames (mean grey difference below this; 0 disables)")
-    out: str = _opt("runs/adapt", "output folder: target_frames/, checkpoint/, train_log.jsonl, bundle/")
-    val_data: str = _opt("", "labelled validation folder (source domain), every --val-every steps")
     target_val_data: str = _opt("", "labelled TARGET validation folder, if some target frames are labelled")
     name: str = _opt("", "bundle name (default: <input name>-adapted)")
     method: str = _opt("gamma_ssl", "gamma_ssl (Masked gamma-SSL), maskmatch, or both", choices=("gamma_ssl", "maskmatch", "both"))
@@ -75,30 +87,12 @@ class AdaptConfig:
     pseudo_threshold: float = _opt(0.8, "MaskMatch: minimum teacher confidence of a pseudo-label")
     pseudo_scales: tuple[float, ...] = _opt((0.75, 1.0, 1.25), "MaskMatch: input scales averaged by the teacher", nargs="+")
     ema: float = _opt(0.99, "MaskMatch: EMA decay of the teacher")
+    out: str = _opt("runs/adapt", "output folder: target_frames/, checkpoint/, train_log.jsonl, bundle/")
     steps: int = _opt(1000, "optimisation steps")
     batch_size: int = _opt(4, "source images and target images per step per process (each)")
     lr: float = _opt(1e-4, "peak AdamW learning rate of the heads")
-    backbone_lr_mult: float = _opt(1.0, "backbone LR = lr x this; 0 freezes the backbone (heads and mask token adapt)")
-    weight_decay: float = _opt(0.05, "AdamW weight decay")
     warmup_steps: int = _opt(50, "linear warm-up steps, then cosine decay")
-    min_lr_ratio: float = _opt(0.01, "final LR as a fraction of the peak")
-    grad_clip: float = _opt(1.0, "gradient norm clip (0 disables)")
-    class_weighting: str = _opt("none", "source cross-entropy class weights", choices=CLASS_WEIGHTINGS)
-    ranking_weight: float = _opt(1.0, "weight of the uncertainty head's ranking loss (source batch)")
-    ranking_pairs: int = _opt(4096, "pixel pairs per step for the ranking loss")
-    scale_min: float = _opt(0.6, "random scale range, relative to fitting the image height")
-    scale_max: float = _opt(1.6, "")
-    hflip: bool = _opt(True, "random horizontal flips")
-    color_jitter: float = _opt(0.3, "brightness/contrast/saturation jitter amplitude")
-    amp: str = _opt("auto", "mixed precision: auto, bf16, fp16, off", choices=("auto", "bf16", "fp16", "off"))
-    device: str = _opt("auto", "auto, cpu, cuda, cuda:N")
-    workers: int = _opt(2, "data-loading worker processes")
-    seed: int = _opt(0, "seed of data order, masks and augmentation")
-    log_every: int = _opt(10, "steps between log lines")
-    checkpoint_every: int = _opt(200, "steps between checkpoints")
     val_every: int = _opt(250, "steps between validations")
-    resume: bool = _opt(False, "continue from <out>/checkpoint")
-    stop_after: int = _opt(0, "end this invocation after N steps with a checkpoint; continue with --resume")
 
     @property
     def uses_gamma_ssl(self) -> bool:
@@ -141,7 +135,7 @@ def target_frames(cfg: AdaptConfig, out: Path, is_main: bool) -> tuple[list[Path
         distributed.barrier()
         frames += sorted((cache / "frames").rglob("*.png"))
     if cfg.target_images:
-        frames += sorted(p for p in Path(cfg.target_images).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        frames += list_images(cfg.target_images, recursive=True)
         info["images"] = cfg.target_images
     if not frames:
         raise ValueError("no target frames: give --target-bags and/or --target-images")
@@ -247,7 +241,7 @@ def adapt(cfg: AdaptConfig) -> Path:
         log_path.unlink(missing_ok=True)
     ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) if dist.enabled else model
 
-    aug = AugmentConfig(cfg.scale_min, cfg.scale_max, cfg.hflip, cfg.color_jitter, cfg.color_jitter, cfg.color_jitter)
+    aug = cfg.augmentation()
     loaders = []
     for dataset, seed in ((TrainSet(folder, size, aug, cfg.seed), cfg.seed), (TargetSet(frames, size, aug, cfg.seed), cfg.seed + 7)):
         batches = StepBatches(len(dataset), cfg.batch_size, dist.world_size, dist.rank, seed, step, cfg.steps)
@@ -259,8 +253,7 @@ def adapt(cfg: AdaptConfig) -> Path:
     t0, last, start = time.time(), {}, step
     bar = tqdm(total=cfg.steps, initial=step, desc=f"adapt ({cfg.method})", unit="step", disable=not dist.is_main)
     for (src_img, src_lab), (tgt_img, tgt_valid) in zip(*loaders):
-        for g in optimizer.param_groups:
-            g["lr"] = cfg.lr * g["lr_mult"] * lr_factor(step, cfg)
+        set_learning_rate(optimizer, cfg, step)
         src_lab, tgt_valid = src_lab.to(dist.device), tgt_valid.to(dist.device)
         x_src = to_input(src_img.to(dist.device), size, mean, std)
         x_tgt = to_input(tgt_img.to(dist.device), size, mean, std)
@@ -276,14 +269,7 @@ def adapt(cfg: AdaptConfig) -> Path:
         logits = upsample(logits.float(), size)
         parts = logits.split(B)
 
-        valid = src_lab != IGNORE
-        ce = F.cross_entropy(parts[0], src_lab, ignore_index=IGNORE, reduction="none")
-        if weights is not None:
-            w = weights[src_lab.clamp_min(0)] * valid
-            seg_loss = (ce * w).sum() / w.sum().clamp_min(1e-6)
-        else:
-            seg_loss = ce.sum() / valid.sum().clamp_min(1)
-        rank_loss = ranking_loss(upsample(predicted_loss[:B].float(), size)[:, 0], ce, valid, cfg.ranking_pairs)
+        seg_loss, rank_loss = supervised_losses(parts[0], predicted_loss[:B], src_lab, weights, cfg)
         loss = seg_loss + cfg.ranking_weight * rank_loss
         stats = {"seg_loss": seg_loss.item(), "rank_loss": rank_loss.item()}
         if cfg.uses_gamma_ssl:
@@ -301,25 +287,11 @@ def adapt(cfg: AdaptConfig) -> Path:
             loss = loss + cfg.maskmatch_weight * mm
             stats.update(maskmatch=mm.item(), pseudo_fraction=float(keep.float().mean()))
 
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        optimisation_step(loss, model, optimizer, scaler, cfg.grad_clip)
         if teacher is not None:
             ema_update(teacher, model, cfg.ema)
         step += 1
         bar.update(1)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
         if dist.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
             last = {"step": step, "loss": loss.item(), **stats, "lr": optimizer.param_groups[0]["lr"],
                     "elapsed_s": round(time.time() - t0, 2)}
@@ -330,8 +302,8 @@ def adapt(cfg: AdaptConfig) -> Path:
             for data in filter(None, (cfg.val_data, cfg.target_val_data)):
                 result = _validate(model, bcfg, data, dist, step, log_path)
                 last.update({f"{k}_{Path(data).parent.name}_{Path(data).name}": v for k, v in result.items()})
-        stopping = cfg.stop_after > 0 and step - start == cfg.stop_after and step < cfg.steps
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
+        save, stopping = checkpoint_due(cfg, step, start)
+        if save:
             if dist.is_main:
                 save_checkpoint(ckpt_path, model, optimizer, step, {"config": asdict(cfg)},
                                 teacher.state_dict() if teacher is not None else None)

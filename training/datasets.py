@@ -13,10 +13,10 @@ import numpy as np
 import yaml
 
 from uncertain_seg_ros.bundle import ClassInfo
+from uncertain_seg_ros.image_files import IMAGE_SUFFIXES, read_rgb
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 @dataclass(frozen=True)
@@ -49,14 +49,6 @@ def load_classes(path: Path) -> ClassSet:
         raise ValueError(f"{path}: class ids must be 0..K-1, got {[c.id for c in classes]}")
     ignore = raw.get("ignore_index")
     return ClassSet(classes, None if ignore is None else int(ignore))
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise OSError(f"cannot decode image {path}")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def read_label(path: Path) -> np.ndarray:

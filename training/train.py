@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -44,17 +43,11 @@ def _opt(default, help: str, **kw):
 
 
 @dataclass
-class TrainConfig:
-    data: str = _opt("", "labelled training folder (images/ + labels/, classes.yaml in it or a parent)")
+class LoopConfig:
+    """Options every training stage shares: optimisation, augmentation, logging, checkpoints."""
+
     out: str = _opt("runs/train", "output folder: checkpoint/, train_log.jsonl, bundle/")
     val_data: str = _opt("", "labelled validation folder, evaluated every --val-every steps (optional)")
-    name: str = _opt("", "bundle name (default: <backbone>-<data folder>)")
-    backbone: str = _opt("dinov2_vits14", "backbone by official hub name (dinov2_vits14, dinov2_vitb14_reg, ...) or demo_vitt14")
-    pretrained: str = _opt("", "official DINOv2 backbone weights (.pth or .safetensors) to start from")
-    download_pretrained: bool = _opt(False, "download the official weights for --backbone (needs internet)")
-    input_size: tuple[int, int] = _opt((476, 644), "network input height width (multiples of 14)", nargs=2)
-    n_last_blocks: int = _opt(4, "blocks whose patch tokens feed the heads")
-    uncertainty_hidden: int = _opt(512, "hidden width of the uncertainty MLP")
     steps: int = _opt(2000, "optimisation steps")
     batch_size: int = _opt(8, "images per step per process")
     lr: float = _opt(1e-3, "peak AdamW learning rate of the heads")
@@ -63,7 +56,6 @@ class TrainConfig:
     warmup_steps: int = _opt(100, "linear warm-up steps, then cosine decay")
     min_lr_ratio: float = _opt(0.01, "final LR as a fraction of the peak")
     grad_clip: float = _opt(1.0, "gradient norm clip (0 disables)")
-    drop_path: float = _opt(0.0, "stochastic depth rate of the backbone")
     class_weighting: str = _opt("none", "cross-entropy class weights", choices=CLASS_WEIGHTINGS)
     ranking_weight: float = _opt(1.0, "weight of the uncertainty head's ranking loss")
     ranking_pairs: int = _opt(4096, "pixel pairs per step for the ranking loss")
@@ -71,8 +63,6 @@ class TrainConfig:
     scale_max: float = _opt(1.6, "")
     hflip: bool = _opt(True, "random horizontal flips")
     color_jitter: float = _opt(0.3, "brightness/contrast/saturation jitter amplitude")
-    uncertainty_source: str = _opt("max_softmax", "uncertainty the bundle publishes", choices=UNCERTAINTY_SOURCES)
-    mask_threshold: float = _opt(0.5, "misclassification-mask threshold written to the bundle")
     amp: str = _opt("auto", "mixed precision: auto (bf16/fp16 on CUDA, off on CPU), bf16, fp16, off", choices=("auto", "bf16", "fp16", "off"))
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N")
     workers: int = _opt(2, "data-loading worker processes")
@@ -82,6 +72,25 @@ class TrainConfig:
     val_every: int = _opt(500, "steps between validations")
     resume: bool = _opt(False, "continue from <out>/checkpoint")
     stop_after: int = _opt(0, "end this invocation after N steps with a checkpoint (for time-limited jobs); continue with --resume")
+
+    def augmentation(self) -> AugmentConfig:
+        c = self.color_jitter
+        return AugmentConfig(self.scale_min, self.scale_max, self.hflip, c, c, c)
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    data: str = _opt("", "labelled training folder (images/ + labels/, classes.yaml in it or a parent)")
+    name: str = _opt("", "bundle name (default: <backbone>-<data folder>)")
+    backbone: str = _opt("dinov2_vits14", "backbone by official hub name (dinov2_vits14, dinov2_vitb14_reg, ...) or demo_vitt14")
+    pretrained: str = _opt("", "official DINOv2 backbone weights (.pth or .safetensors) to start from")
+    download_pretrained: bool = _opt(False, "download the official weights for --backbone (needs internet)")
+    input_size: tuple[int, int] = _opt((476, 644), "network input height width (multiples of 14)", nargs=2)
+    n_last_blocks: int = _opt(4, "blocks whose patch tokens feed the heads")
+    uncertainty_hidden: int = _opt(512, "hidden width of the uncertainty MLP")
+    drop_path: float = _opt(0.0, "stochastic depth rate of the backbone")
+    uncertainty_source: str = _opt("max_softmax", "uncertainty the bundle publishes", choices=UNCERTAINTY_SOURCES)
+    mask_threshold: float = _opt(0.5, "misclassification-mask threshold written to the bundle")
 
 
 class TrainSet(Dataset):
@@ -134,7 +143,7 @@ class StepBatches:
             yield items
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, cfg: LoopConfig) -> float:
     """Linear warm-up to 1, then cosine decay to ``min_lr_ratio``."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
@@ -142,7 +151,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def param_groups(model: UncertainSegmenter, cfg: TrainConfig) -> list[dict]:
+def param_groups(model: UncertainSegmenter, cfg: LoopConfig) -> list[dict]:
     """AdamW groups: backbone / heads x decay / no decay (norms, biases, tokens, layer scales)."""
     groups = {(b, d): [] for b in (True, False) for d in (True, False)}
     for name, p in model.named_parameters():
@@ -178,6 +187,53 @@ def _autocast(device: torch.device, amp: str):
     dtype = torch.float16 if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()) else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: LoopConfig, step: int) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = cfg.lr * g["lr_mult"] * lr_factor(step, cfg)
+
+
+def supervised_losses(
+    logits: torch.Tensor, predicted_loss: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None, cfg: LoopConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segmentation cross-entropy (ignore-aware, optionally class-weighted) and the uncertainty head's
+    ranking loss against the per-pixel CE, on one labelled batch at label resolution."""
+    logits = upsample(logits.float(), labels.shape[-2:])
+    valid = labels != IGNORE
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
+    if weights is not None:
+        w = weights[labels.clamp_min(0)] * valid
+        seg_loss = (ce * w).sum() / w.sum().clamp_min(1e-6)
+    else:
+        seg_loss = ce.sum() / valid.sum().clamp_min(1)
+    rank_loss = ranking_loss(upsample(predicted_loss.float(), labels.shape[-2:])[:, 0], ce, valid, cfg.ranking_pairs)
+    return seg_loss, rank_loss
+
+
+def optimisation_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler, grad_clip: float) -> float:
+    """Backward, unscale (fp16), clip, step; returns the gradient norm (0 when not clipping)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)) if grad_clip > 0 else 0.0
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"loss became {loss.item()}; lower --lr or check the data")
+    return grad_norm
+
+
+def checkpoint_due(cfg: LoopConfig, step: int, start: int) -> tuple[bool, bool]:
+    """(save a checkpoint now, then stop this invocation) after ``step``; ``start`` is where it began."""
+    stopping = cfg.stop_after > 0 and step - start == cfg.stop_after and step < cfg.steps
+    return step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping, stopping
 
 
 def _trim_log(path: Path, step: int) -> None:
@@ -228,8 +284,7 @@ def train(cfg: TrainConfig) -> Path:
         log_path.unlink(missing_ok=True)
     ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) if dist.enabled else model
 
-    aug = AugmentConfig(cfg.scale_min, cfg.scale_max, cfg.hflip, cfg.color_jitter, cfg.color_jitter, cfg.color_jitter)
-    dataset = TrainSet(folder, tuple(cfg.input_size), aug, cfg.seed)
+    dataset = TrainSet(folder, tuple(cfg.input_size), cfg.augmentation(), cfg.seed)
     batches = StepBatches(len(dataset), cfg.batch_size, dist.world_size, dist.rank, cfg.seed, step, cfg.steps)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers, pin_memory=dist.device.type == "cuda",
                         persistent_workers=cfg.workers > 0 and step < cfg.steps,
@@ -241,49 +296,26 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not dist.is_main)
     model.train()
     for images, labels in loader:
-        for g in optimizer.param_groups:
-            g["lr"] = cfg.lr * g["lr_mult"] * lr_factor(step, cfg)
+        set_learning_rate(optimizer, cfg, step)
         images = images.to(dist.device, non_blocking=True)
         labels = labels.to(dist.device, non_blocking=True)
         with autocast:
             logits, predicted_loss = ddp(to_input(images, tuple(cfg.input_size), mean, std))
-        logits = upsample(logits.float(), labels.shape[-2:])
-        valid = labels != IGNORE
-        ce = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
-        if weights is not None:
-            w = weights[labels.clamp_min(0)] * valid
-            seg_loss = (ce * w).sum() / w.sum().clamp_min(1e-6)
-        else:
-            seg_loss = ce.sum() / valid.sum().clamp_min(1)
-        rank_loss = ranking_loss(upsample(predicted_loss.float(), labels.shape[-2:])[:, 0], ce, valid, cfg.ranking_pairs)
+        seg_loss, rank_loss = supervised_losses(logits, predicted_loss, labels, weights, cfg)
         loss = seg_loss + cfg.ranking_weight * rank_loss
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        grad_norm = optimisation_step(loss, model, optimizer, scaler, cfg.grad_clip)
         step += 1
         bar.update(1)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr or check the data")
-
         if dist.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
             last = {"step": step, "loss": loss.item(), "seg_loss": seg_loss.item(), "rank_loss": rank_loss.item(),
-                    "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm), "elapsed_s": round(time.time() - t0, 2)}
+                    "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "elapsed_s": round(time.time() - t0, 2)}
             with open(log_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
             bar.set_postfix(loss=f"{last['loss']:.3f}", seg=f"{last['seg_loss']:.3f}", rank=f"{last['rank_loss']:.3f}")
         if cfg.val_data and (step % cfg.val_every == 0 or step == cfg.steps):
             last.update(_validate(model, bcfg, cfg.val_data, dist, step, log_path))
-        stopping = cfg.stop_after > 0 and step - start == cfg.stop_after and step < cfg.steps
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
+        save, stopping = checkpoint_due(cfg, step, start)
+        if save:
             if dist.is_main:
                 save_checkpoint(ckpt_path, model, optimizer, step, extra)
             distributed.barrier()

@@ -32,6 +32,7 @@ from rosbags.typesys import Stores, get_typestore
 from rosbags.typesys.store import Typestore
 from tqdm import tqdm
 
+from .image_files import list_images, read_rgb
 from .image_encoding import array_to_raw, compressed_to_rgb8, image_to_rgb8
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,6 @@ JPEG noise included, while keeping frames where anything in view moved noticeabl
 THUMBNAIL_SIZE = (32, 24)
 """(width, height) of the grey thumbnails compared for near-duplicate removal."""
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 WRITE_ENCODINGS = ("rgb8", "bgr8", "mono8", "mono16")
 COMPRESSED_WRITE_ENCODINGS = ("rgb8", "bgr8", "mono8")
 STORAGES = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
@@ -334,26 +334,11 @@ def bag_info(paths: Sequence[str | os.PathLike[str]]) -> list[TopicInfo]:
 
 def _list_images(images: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[Path]:
     if isinstance(images, (str, os.PathLike)):
-        folder = Path(images)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"image folder not found: {folder}")
-        files = sorted((p for p in folder.iterdir()
-                        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")),
-                       key=lambda p: p.name)
-        if not files:
-            raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-        return files
+        return list_images(images)
     files = [Path(p) for p in images]
     if not files:
         raise ValueError("no images to write")
     return files
-
-
-def _read_rgb(path: Path) -> np.ndarray:
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"cannot read image {path}")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def _as_uint8(data: Any) -> np.ndarray:
@@ -433,7 +418,7 @@ def write_image_bag(images: Sequence[str | os.PathLike[str]] | str | os.PathLike
             for i, path in enumerate(tqdm(files, desc=f"write {out.name}", unit="image", disable=None)):
                 stamp = start_ns + int(round(i * 1e9 / fps))
                 header = Header(stamp=Time(sec=stamp // 1_000_000_000, nanosec=stamp % 1_000_000_000), frame_id=frame_id)
-                rgb = _read_rgb(path)
+                rgb = read_rgb(path)
                 if compressed:
                     fmt, data = _jpeg(rgb, encoding, jpeg_quality)
                     msg = Msg(header=header, format=fmt, data=data)
