@@ -1,6 +1,5 @@
 """The shipped demo bundle: loads, stays small, and its committed report figures are reproduced."""
 import json
-from pathlib import Path
 
 import pytest
 

@@ -4,7 +4,6 @@ They parse; every file they name exists; every launch argument and params-file e
 parameter with the same default; RViz shows the topics the node publishes for the default camera.
 """
 import ast
-from pathlib import Path
 
 import yaml
 
