@@ -50,13 +50,17 @@ class NodeProcess:
 
 
 class Tester:
-    """A node in the test process, spun by a background executor, that collects messages by topic."""
+    """A node in the test process, spun by a background executor, that collects messages by topic.
+
+    It has its own rclpy context on the domain ``isolate()`` chose last, so successive tests on
+    different domains do not share a stale context.
+    """
 
     def __init__(self, name: str = "tester") -> None:
-        if not rclpy.ok():
-            rclpy.init()
-        self.node = rclpy.create_node(name)
-        self.executor = MultiThreadedExecutor()
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context, domain_id=int(os.environ.get("ROS_DOMAIN_ID", "0")))
+        self.node = rclpy.create_node(name, context=self.context)
+        self.executor = MultiThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
         self.thread.start()
@@ -105,3 +109,4 @@ class Tester:
     def close(self) -> None:
         self.executor.shutdown()
         self.node.destroy_node()
+        rclpy.shutdown(context=self.context)

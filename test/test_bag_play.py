@@ -22,9 +22,9 @@ def test_bag_play_publishes_every_frame_as_recorded(labelled_folder, tmp_path, c
     topic, msg_type = ("/cam/image_raw/compressed", CompressedImage) if compressed else ("/cam/image_raw", Image)
     tester = Tester("bag_play_tester")
     try:
-        tester.subscribe(msg_type, topic)
+        tester.subscribe(msg_type, topic, qos="transient_local")
         cli = Path(sys.executable).parent / "uncertain-seg"
-        proc = subprocess.run([str(cli), "bag", "play", str(bag), "--rate", "2", "--wait-subscribers", "1"],
+        proc = subprocess.run([str(cli), "bag", "play", str(bag), "--rate", "2", "--qos", "transient_local"],
                               capture_output=True, text=True, timeout=120, env=dict(os.environ))
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert f"{topic}: 6 messages" in proc.stdout

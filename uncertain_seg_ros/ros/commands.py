@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from ..resources import sample_path
+from .qos import QOS_PRESETS
 
 ROS_HINT = ('this command needs the ROS 2 Python packages; without a ROS install: '
             'pip install "ros-jazzy-rclpy[fastrtps]" ros-sensor-msgs ros-std-msgs ros-diagnostic-msgs')
@@ -101,7 +102,10 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("bags", nargs="+", help="bag folders or files")
     p.add_argument("--topic", action="append", default=[], help="topic to play (repeatable; default: all playable)")
     p.add_argument("--rate", type=float, default=1.0, help="playback speed factor; 0 = as fast as possible (default: 1)")
-    p.add_argument("--qos", default="reliable", help="publisher QoS: reliable (default), best_effort, sensor_data")
+    p.add_argument("--qos", default="reliable", choices=QOS_PRESETS,
+                   help="publisher QoS (default: reliable). transient_local makes playback deterministic: a subscriber "
+                        "that finishes discovery after the first messages still receives them (it must request "
+                        "transient_local too)")
     p.add_argument("--remap", action="append", default=[], metavar="FROM:=TO", help="publish topic FROM as TO")
     p.add_argument("--loop", type=int, default=1, help="play the bag N times (default: 1)")
     p.add_argument("--wait-subscribers", type=int, default=1, help="wait for N subscribers per topic first (default: 1)")

@@ -2,9 +2,10 @@
 
 Three parts on a real ROS 2 graph: the node in its own process (as on a robot), and in this
 process the bag player and a recorder. The graph is isolated (a random ROS_DOMAIN_ID, discovery
-on localhost only) unless a domain is given, and QoS is reliable end to end, so the result does
-not depend on DDS luck: the player waits for the node to subscribe, the recorder for the node's
-publishers, and the demo waits until every frame's outputs have arrived.
+on localhost only) unless a domain is given, and the result does not depend on DDS luck: frames
+are published reliable and transient-local (a subscriber whose side of discovery completes a
+moment after the player's still receives them), the node is started only once it reports every
+output as subscribed, and the demo waits until every frame's outputs have arrived.
 """
 import json
 import logging
@@ -92,7 +93,8 @@ def run_demo(bag: Path, out: Path, model: str = "camvid_demo", topic: str = "/ca
     domain = isolate_graph(domain_id)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    node_params = {"model": model, "device": device, "input_qos": "reliable", "camera_topics": f"[{topic}]",
+    node_params = {"model": model, "device": device, "input_qos": "transient_local", "input_depth": "10",
+                   "camera_topics": f"[{topic}]",
                    "diagnostics_period": "0.25"}
     proc = start_node(node_params, out / "node.log")
     rclpy.init()
@@ -102,8 +104,8 @@ def run_demo(bag: Path, out: Path, model: str = "camvid_demo", topic: str = "/ca
     spinner = threading.Thread(target=executor.spin, daemon=True)
     spinner.start()
     try:
-        player = BagPlayer(node, [bag], [topic], qos="reliable")
-        recorder = OutputRecorder(node, topic, output_namespace(topic, "segmentation"), out)
+        player = BagPlayer(node, [bag], [topic], qos="transient_local")
+        recorder = OutputRecorder(node, topic, output_namespace(topic, "segmentation"), out, input_qos="transient_local")
         monitor = ServingMonitor(node)
         deadline = time.monotonic() + timeout_s
         print(f"demo: ROS_DOMAIN_ID={domain}; waiting for perception_node (loading {model}) ...", flush=True)

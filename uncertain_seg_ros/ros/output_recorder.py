@@ -39,10 +39,14 @@ def _png(image: np.ndarray) -> bytes:
 
 
 class OutputRecorder:
-    """Records one camera: its input topic and the node's outputs under ``namespace``."""
+    """Records one camera: its input topic and the node's outputs under ``namespace``.
+
+    ``qos`` is the outputs' subscription QoS, ``input_qos`` the input's (default: the same).
+    """
 
     def __init__(self, node: Node, input_topic: str | None, namespace: str, out_dir: Path,
-                 kinds: tuple[str, ...] = OUTPUT_KINDS, qos: str = "reliable", compressed: bool = False) -> None:
+                 kinds: tuple[str, ...] = OUTPUT_KINDS, qos: str = "reliable", compressed: bool = False,
+                 input_qos: str | None = None) -> None:
         self.out = Path(out_dir)
         self._lock = threading.Lock()
         self.received: dict[str, dict[int, float]] = defaultdict(dict)
@@ -53,7 +57,7 @@ class OutputRecorder:
         if input_topic:
             msg_type, topic = (CompressedImage, f"{input_topic}/compressed") if compressed else (Image, input_topic)
             self.subscriptions["input"] = node.create_subscription(
-                msg_type, topic, lambda msg: self._on_input(msg), qos_profile(qos, 10))
+                msg_type, topic, lambda msg: self._on_input(msg), qos_profile(input_qos or qos, 10))
 
     def connected(self) -> bool:
         """True once every subscription has discovered its publisher."""
