@@ -126,11 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default=None, help="report title")
     p.set_defaults(func=_evaluate)
 
+    from .calibrate import register as register_calibrate
+
+    register_calibrate(sub)
+
     from .bag_commands import register as register_bag
 
     groups = {"": sub, "bag": register_bag(sub)}
     for plugin in entry_points(group=PLUGIN_GROUP):
-        plugin.load()(groups)
+        try:
+            register = plugin.load()
+        except ImportError as exc:
+            logging.getLogger(__name__).warning("commands from %s unavailable: %s", plugin.value, exc)
+            continue
+        register(groups)
     return parser
 
 

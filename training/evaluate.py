@@ -98,7 +98,7 @@ def run_evaluation(
             valid &= target != config.ignore_index
         x = to_input(torch.from_numpy(image).unsqueeze(0).to(device), size, config.input.mean, config.input.std)
         logits, loss = model(x)
-        pred = decode(logits, loss, label.shape, config.calibration, config.uncertainty_source, config.mask_threshold)
+        pred = decode(logits, loss, label.shape, config.calibration, config.uncertainty_source, config.mask_threshold, selector=model.selector)
         labels = pred.labels[0]
         error = (labels != target) & valid
         ev.confusion.update(labels[valid], target[valid])

@@ -38,14 +38,19 @@ def decode(
     calibration: Calibration,
     source: str,
     mask_threshold: float,
+    *,
+    selector: torch.nn.Module | None = None,
 ) -> Prediction:
     """Upsample logits and predicted loss to ``size``, calibrate, and derive every per-pixel output.
 
-    The misclassification mask is ``uncertainty > mask_threshold`` of the chosen ``source``.
+    ``selector`` is the model's misprediction selector (``model.selector``), needed by selective
+    scaling; it runs on the upsampled logits, as it was fitted, so per pixel of the output. The
+    misclassification mask is ``uncertainty > mask_threshold`` of the chosen ``source``, computed
+    from the calibrated probabilities.
     """
     if source not in UNCERTAINTY_SOURCES:
         raise ValueError(f"unknown uncertainty source {source!r}; choose one of {UNCERTAINTY_SOURCES}")
-    logits = calibration.apply(upsample(logits.float(), size))
+    logits = calibration.apply(upsample(logits.float(), size), selector)
     probs = logits.softmax(dim=1)
     confidence, labels = probs.max(dim=1)
     loss = upsample(predicted_loss.float(), size)[:, 0]

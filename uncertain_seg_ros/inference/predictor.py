@@ -111,7 +111,7 @@ class Predictor:
 
     def _outputs(self, image: torch.Tensor, logits: torch.Tensor, loss: torch.Tensor, size: tuple[int, int], wanted) -> FrameOutputs:
         cfg = self.bundle.config
-        pred = decode(logits, loss, size, cfg.calibration, cfg.uncertainty_source, self.threshold)
+        pred = decode(logits, loss, size, cfg.calibration, cfg.uncertainty_source, self.threshold, selector=self.model.selector)
         labels, unc, mask = pred.labels[0], pred.uncertainty[0], pred.mask[0]
         out = FrameOutputs(uncertain_fraction=float(mask.float().mean()))
         labels_rgb = colorize_labels(labels, self.palette) if {"labels_color", "overlay"} & wanted else None
