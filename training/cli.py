@@ -16,6 +16,7 @@ uncertain_seg_ros node.
              writes checkpoints, a JSON-lines log and a model bundle. Use torchrun for
              several processes / GPUs: torchrun --nproc-per-node N -m uncertain_seg_training.cli train ...
   adapt      adapt a bundle to a new site from unlabelled bags: Masked gamma-SSL, MaskMatch.
+  calibrate  fit temperature / selective scaling and the mask threshold on a held-out labelled split.
   evaluate   mIoU, misclassification detection (max F0.5, AUROC, AUPR, FPR95) and ECE of a
              bundle on a labelled folder; writes metrics.json and a Markdown report with plots.
   bag        rosbag tools: info, extract and write (no ROS install needed), play (needs rclpy).

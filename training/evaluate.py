@@ -155,7 +155,9 @@ def evaluate(
     metrics.update(
         bundle=str(bundle_path), model_id=bundle.model_id, data=str(data),
         uncertainty_source=bundle.config.uncertainty_source, mask_threshold=bundle.config.mask_threshold,
+        calibration_method=bundle.config.calibration.method,
         temperature=bundle.config.calibration.temperature,
+        selective_temperature=bundle.config.calibration.selective_temperature,
     )
     rows = [MontageRow(name=n, image=img, target=t, prediction=p, uncertainty=u, mask=m) for n, img, t, p, u, m in ev.montage]
     write_report(
