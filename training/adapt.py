@@ -44,9 +44,8 @@ from uncertain_seg_ros.resources import resolve_bundle
 
 from . import distributed
 from .augment import AugmentConfig, sample_rng, train_transform
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .datasets import LabelledFolder
-from .losses import class_weights
 from .train import (
     IGNORE,
     LoopConfig,
@@ -54,12 +53,13 @@ from .train import (
     TrainSet,
     _autocast,
     _opt,
-    _trim_log,
     _validate,
     checkpoint_due,
+    loss_weights,
     optimisation_step,
     param_groups,
     set_learning_rate,
+    start_or_resume,
     supervised_losses,
 )
 
@@ -225,20 +225,11 @@ def adapt(cfg: AdaptConfig) -> Path:
         model.backbone.mask_token.requires_grad_(True)
     model.to(dist.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
-    weights = class_weights(folder.class_frequencies(), cfg.class_weighting)
-    weights = weights.to(dist.device) if weights is not None else None
-
-    step, log_path, ckpt_path = 0, out / "train_log.jsonl", out / "checkpoint"
-    if cfg.resume:
-        state = load_checkpoint(ckpt_path, model, optimizer)
-        step = state["step"]
-        if teacher is not None:
-            teacher.load_state_dict(state["extra_tensors"])
-        if dist.is_main:
-            _trim_log(log_path, step)
-            log.info("resumed from %s at step %d", ckpt_path, step)
-    elif dist.is_main:
-        log_path.unlink(missing_ok=True)
+    weights = loss_weights(folder, cfg, dist.device)
+    log_path, ckpt_path = out / "train_log.jsonl", out / "checkpoint"
+    step, state = start_or_resume(cfg, model, optimizer, out, dist)
+    if teacher is not None and state:
+        teacher.load_state_dict(state["extra_tensors"])
     ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) if dist.enabled else model
 
     aug = cfg.augmentation()

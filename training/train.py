@@ -236,6 +236,28 @@ def checkpoint_due(cfg: LoopConfig, step: int, start: int) -> tuple[bool, bool]:
     return step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping, stopping
 
 
+def start_or_resume(cfg: LoopConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, out: Path,
+                    dist: distributed.DistInfo) -> tuple[int, dict]:
+    """(first step, checkpoint state): 0 and a fresh log for a new run; with ``resume`` the last
+    checkpoint's step and state, its log cut back to that step."""
+    log_path = out / "train_log.jsonl"
+    if cfg.resume:
+        state = load_checkpoint(out / "checkpoint", model, optimizer)
+        if dist.is_main:
+            _trim_log(log_path, state["step"])
+            log.info("resumed from %s at step %d", out / "checkpoint", state["step"])
+        return state["step"], state
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        log_path.unlink(missing_ok=True)
+    return 0, {}
+
+
+def loss_weights(folder: LabelledFolder, cfg: LoopConfig, device: torch.device) -> torch.Tensor | None:
+    weights = class_weights(folder.class_frequencies(), cfg.class_weighting)
+    return weights.to(device) if weights is not None else None
+
+
 def _trim_log(path: Path, step: int) -> None:
     """Drop log lines written after ``step`` by a run that died before its next checkpoint."""
     if path.is_file():
@@ -269,19 +291,9 @@ def train(cfg: TrainConfig) -> Path:
     model.backbone.mask_token.requires_grad_(False)  # nothing is masked in supervised training
     model.to(dist.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
-    weights = class_weights(folder.class_frequencies(), cfg.class_weighting)
-    weights = weights.to(dist.device) if weights is not None else None
-
-    step, log_path, ckpt_path = 0, out / "train_log.jsonl", out / "checkpoint"
-    if cfg.resume:
-        state = load_checkpoint(ckpt_path, model, optimizer)
-        step = state["step"]
-        if dist.is_main:
-            _trim_log(log_path, step)
-            log.info("resumed from %s at step %d", ckpt_path, step)
-    elif dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        log_path.unlink(missing_ok=True)
+    weights = loss_weights(folder, cfg, dist.device)
+    log_path, ckpt_path = out / "train_log.jsonl", out / "checkpoint"
+    step, _ = start_or_resume(cfg, model, optimizer, out, dist)
     ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) if dist.enabled else model
 
     dataset = TrainSet(folder, tuple(cfg.input_size), cfg.augmentation(), cfg.seed)
