@@ -9,13 +9,14 @@ def overlay(
     labels_rgb: torch.Tensor,
     mask: torch.Tensor,
     alpha: float = 0.5,
-    mark_color: tuple[int, int, int] = MARK_COLOR,
+    mark_color: tuple[int, int, int] | torch.Tensor = MARK_COLOR,
 ) -> torch.Tensor:
     """(H, W, 3) uint8: ``(1 - alpha) * image + alpha * labels_rgb``, masked pixels half-blended with ``mark_color``.
 
-    Everything stays on the tensors' device; only the result is downloaded by the caller.
+    Everything stays on the tensors' device; only the result is downloaded by the caller. Pass
+    ``mark_color`` as a float32 tensor on that device to avoid a host-to-device copy per call.
     """
     out = image.float() * (1.0 - alpha) + labels_rgb.float() * alpha
-    mark = torch.tensor(mark_color, dtype=out.dtype, device=out.device)
+    mark = torch.as_tensor(mark_color, dtype=out.dtype, device=out.device)
     out = torch.where(mask.unsqueeze(-1), 0.5 * out + 0.5 * mark, out)
     return out.round_().clamp_(0, 255).to(torch.uint8)

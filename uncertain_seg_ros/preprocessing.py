@@ -6,18 +6,19 @@ import torch.nn.functional as F
 def to_input(
     images: torch.Tensor,
     size: tuple[int, int],
-    mean: tuple[float, float, float],
-    std: tuple[float, float, float],
+    mean: tuple[float, float, float] | torch.Tensor,
+    std: tuple[float, float, float] | torch.Tensor,
 ) -> torch.Tensor:
     """uint8 RGB images (B, H, W, 3) -> normalised float (B, 3, size[0], size[1]).
 
-    Resizing is bilinear with antialiasing, so downscaled camera frames do not alias.
+    Resizing is bilinear with antialiasing, so downscaled camera frames do not alias. ``mean`` and
+    ``std`` may be float32 tensors already on the images' device (no host-to-device copy per call).
     """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 (B, H, W, 3) RGB images, got {tuple(images.shape)} {images.dtype}")
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    m = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - m) / s

@@ -4,14 +4,14 @@ Upload uint8 pixels, resize and normalise on the device, run the network once fo
 the same size (several cameras batch together), decode at each camera's resolution and compute
 only the outputs somebody asked for; only those are downloaded.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..bundle import Bundle
 from ..colormap import COLORMAPS, colorize_labels, colorize_scalar
-from ..overlay import overlay
+from ..overlay import MARK_COLOR, overlay
 from ..prediction import decode
 from ..preprocessing import to_input
 
@@ -51,7 +51,6 @@ class FrameOutputs:
     mask: np.ndarray | None = None
     overlay: np.ndarray | None = None
     uncertain_fraction: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class Predictor:
@@ -69,6 +68,9 @@ class Predictor:
         self.input_size = (cfg.input.height, cfg.input.width)
         self.threshold = cfg.mask_threshold if options.mask_threshold is None else options.mask_threshold
         self.palette = torch.as_tensor(cfg.palette, device=self.device)
+        self.mean = torch.tensor(cfg.input.mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(cfg.input.std, dtype=torch.float32, device=self.device)
+        self.mark_color = torch.tensor(MARK_COLOR, dtype=torch.float32, device=self.device)
         self.label_dtype = np.uint8 if cfg.model.num_classes <= 256 else np.uint16
 
     @property
@@ -77,8 +79,7 @@ class Predictor:
 
     @torch.inference_mode()
     def _network(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.bundle.config
-        x = to_input(torch.stack(images), self.input_size, cfg.input.mean, cfg.input.std)
+        x = to_input(torch.stack(images), self.input_size, self.mean, self.std)
         if self.dtype == torch.float32:
             return self.model(x)
         with torch.autocast(self.device.type, dtype=self.dtype):
@@ -121,7 +122,7 @@ class Predictor:
             "uncertainty": lambda: unc.float().cpu().numpy(),
             "uncertainty_color": lambda: colorize_scalar(unc, self.options.colormap).cpu().numpy(),
             "mask": lambda: (mask.to(torch.uint8) * 255).cpu().numpy(),
-            "overlay": lambda: overlay(image, labels_rgb, mask, self.options.overlay_alpha).cpu().numpy(),
+            "overlay": lambda: overlay(image, labels_rgb, mask, self.options.overlay_alpha, self.mark_color).cpu().numpy(),
         }
         for kind in wanted:
             setattr(out, kind, host[kind]())
