@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 import yaml
 
-from uncertain_seg_ros.bundle import BundleConfig, ClassInfo, InputSpec, save_bundle
+import torch
+
+from uncertain_seg_ros.bundle import Bundle, BundleConfig, ClassInfo, InputSpec, save_bundle
+from uncertain_seg_ros.prediction import Prediction, decode
+from uncertain_seg_ros.preprocessing import to_input
 from uncertain_seg_ros.model import SegmenterConfig, UncertainSegmenter, backbone_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,6 +27,17 @@ def tiny_model_config(num_classes: int = 3) -> SegmenterConfig:
 def tiny_bundle_config(num_classes: int = 3) -> BundleConfig:
     return BundleConfig(name="tiny", model=tiny_model_config(num_classes), classes=TINY_CLASSES[:num_classes],
                         input=InputSpec(56, 70), ignore_index=255, backbone_name="demo_vitt14")
+
+
+def core_prediction(bundle: Bundle, image: np.ndarray) -> Prediction:
+    """One frame through the core functions directly (no Predictor, no node): the reference outputs."""
+    cfg = bundle.config
+    x = to_input(torch.from_numpy(np.ascontiguousarray(image))[None], (cfg.input.height, cfg.input.width),
+                 cfg.input.mean, cfg.input.std)
+    with torch.no_grad():
+        logits, loss = bundle.model(x)
+    return decode(logits, loss, image.shape[:2], cfg.calibration, cfg.uncertainty_source, cfg.mask_threshold,
+                  selector=bundle.model.selector)
 
 
 @pytest.fixture

@@ -1,9 +1,5 @@
 """Helpers for tests on a real ROS 2 graph: an isolated domain, a node process, a spinning tester node."""
 import os
-import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -11,27 +7,21 @@ from pathlib import Path
 import rclpy
 from rclpy.executors import MultiThreadedExecutor
 
+from uncertain_seg_ros.ros.demo import isolate_graph, start_node, stop_node
 from uncertain_seg_ros.ros.qos import qos_profile
 
 
 def isolate() -> int:
     """A random private ROS domain on loopback, for this process and the processes it starts."""
-    domain = random.randint(1, 101)
-    os.environ["ROS_DOMAIN_ID"] = str(domain)
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    return domain
+    return isolate_graph(None)
 
 
 class NodeProcess:
-    """``perception_node`` in a child process with parameters; its output in a log file."""
+    """``perception_node`` in a child process with parameters (the demo's launcher); its output in a log file."""
 
     def __init__(self, params: dict[str, str], log_path: Path) -> None:
-        args = [sys.executable, "-m", "uncertain_seg_ros.ros.perception_node", "--ros-args"]
-        for k, v in params.items():
-            args += ["-p", f"{k}:={v}"]
         self.log_path = log_path
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        self.proc = subprocess.Popen(args, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=env)
+        self.proc = start_node(params, log_path, env={"OMP_NUM_THREADS": "1"})
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -40,13 +30,7 @@ class NodeProcess:
         return self.proc.poll() is None
 
     def stop(self) -> int:
-        if self.alive():
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                return self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
+        return stop_node(self.proc)
 
 
 class Tester:

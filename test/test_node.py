@@ -15,9 +15,8 @@ import cv2
 from uncertain_seg_ros.bundle import load_bundle
 from uncertain_seg_ros.image_encoding import SUPPORTED_ENCODINGS, image_to_rgb8
 from uncertain_seg_ros.inference import OUTPUT_KINDS
-from uncertain_seg_ros.prediction import decode
-from uncertain_seg_ros.preprocessing import to_input
 
+from conftest import core_prediction
 from ros_graph import NodeProcess, Tester, isolate
 
 CAMERAS = ["/cam_a/image_raw", "/cam_b/image_raw", "/cam_idle/image_raw"]
@@ -114,14 +113,6 @@ def graph(tmp_path_factory):
     assert code == 0, node.log()
 
 
-def core_result(bundle, rgb: np.ndarray):
-    cfg = bundle.config
-    x = to_input(torch.from_numpy(np.ascontiguousarray(rgb))[None], (cfg.input.height, cfg.input.width), cfg.input.mean, cfg.input.std)
-    with torch.no_grad():
-        logits, loss = bundle.model(x)
-    return decode(logits, loss, rgb.shape[:2], cfg.calibration, cfg.uncertainty_source, cfg.mask_threshold)
-
-
 def outputs_for(graph, camera: str, stamp: int, timeout: float = 30.0) -> dict:
     tester = graph["tester"]
     ns = camera.rsplit("/", 1)[0] + "/segmentation"
@@ -147,7 +138,7 @@ def scene(h: int = 46, w: int = 62, seed: int = 0) -> np.ndarray:
     *[(e, 0, False) for e in SUPPORTED_ENCODINGS],
     ("rgb8", 6, False), ("rgba8", 4, False), ("mono8", 3, False), ("mono16", 4, True), ("rgb16", 2, True),
     ("bgra16", 8, True), ("bayer_gbrg16", 4, True), ("yuv422", 4, False), ("yuyv", 8, False)])
-def test_every_encoding_gives_the_core_result(graph, encoding, pad, big):
+def test_every_encoding_gives_the_core_prediction(graph, encoding, pad, big):
     """Outputs have the input header, the camera's size, the documented encodings, and equal the core's result."""
     rgb = scene(seed=len(encoding) + pad)
     stamp = next_stamp()
@@ -155,7 +146,7 @@ def test_every_encoding_gives_the_core_result(graph, encoding, pad, big):
     graph["tester"].pubs[CAMERAS[0]].publish(msg)
     out = outputs_for(graph, CAMERAS[0], stamp)
     expected_rgb = image_to_rgb8(msg.encoding, msg.height, msg.width, msg.step, msg.is_bigendian, msg.data)
-    ref = core_result(graph["bundle"], expected_rgb)
+    ref = core_prediction(graph["bundle"], expected_rgb)
     for kind, m in out.items():
         assert m.encoding == ENCODINGS[kind] and (m.height, m.width) == rgb.shape[:2]
         assert m.header.frame_id == "cam_optical"
@@ -206,7 +197,7 @@ def test_two_cameras_at_once(graph):
     for i, cam in enumerate(CAMERAS[:2]):
         out = outputs_for(graph, cam, stamps[cam])
         assert all(m.header.frame_id == f"frame_{i}" for m in out.values())
-        ref = core_result(graph["bundle"], scene(seed=40 + i))
+        ref = core_prediction(graph["bundle"], scene(seed=40 + i))
         assert np.array_equal(as_array(out["labels"]), ref.labels[0].numpy())
 
 
@@ -238,7 +229,7 @@ def test_raw_and_compressed_cameras_mixed(graph):
     msg.data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
     graph["tester"].pubs[MIXED].publish(msg)
     out = outputs_for(graph, "/cam_m/image_raw", stamp)
-    assert np.array_equal(as_array(out["labels"]), core_result(graph["bundle"], rgb).labels[0].numpy())
+    assert np.array_equal(as_array(out["labels"]), core_prediction(graph["bundle"], rgb).labels[0].numpy())
 
 
 def test_no_subscribers_no_computation(graph):
@@ -291,7 +282,7 @@ def test_compressed_transport_and_corrupt_jpeg(graph, tmp_path):
             tester.wait(lambda: all(tester.messages(f"/cam_z/segmentation/{k}", stamp) for k in OUTPUT_KINDS), 30, fmt)
             labels = as_array(tester.messages("/cam_z/segmentation/labels", stamp)[0])
             decoded = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-            assert np.array_equal(labels, core_result(graph["bundle"], decoded).labels[0].numpy())
+            assert np.array_equal(labels, core_prediction(graph["bundle"], decoded).labels[0].numpy())
         stamp = next_stamp()
         msg = _header(CompressedImage(format="png"), stamp, "cam_z")
         msg.data = cv2.imencode(".png", rgb)[1].tobytes()

@@ -7,19 +7,8 @@ from uncertain_seg_ros.bundle import load_bundle, save_bundle
 from uncertain_seg_ros.inference import OUTPUT_KINDS, Predictor, PredictorOptions
 from uncertain_seg_ros.model import UncertainSegmenter
 from uncertain_seg_ros.overlay import overlay
-from uncertain_seg_ros.prediction import decode
-from uncertain_seg_ros.preprocessing import to_input
 
-from conftest import tiny_bundle_config
-
-
-def _plain(bundle, image):
-    """Labels and uncertainty of one frame computed directly from the core functions."""
-    cfg = bundle.config
-    x = to_input(torch.from_numpy(image)[None], (cfg.input.height, cfg.input.width), cfg.input.mean, cfg.input.std)
-    with torch.no_grad():
-        logits, loss = bundle.model(x)
-    return decode(logits, loss, image.shape[:2], cfg.calibration, cfg.uncertainty_source, cfg.mask_threshold)
+from conftest import core_prediction, tiny_bundle_config
 
 
 @pytest.fixture
@@ -33,7 +22,7 @@ def test_outputs_equal_plain_computation_with_mixed_sizes(bundle):
     images = [rng.integers(0, 255, s, dtype=np.uint8) for s in [(60, 80, 3), (60, 80, 3), (45, 70, 3)]]
     outs = Predictor(bundle).run(images)
     for image, out in zip(images, outs):
-        ref = _plain(bundle, image)
+        ref = core_prediction(bundle, image)
         assert np.array_equal(out.labels, ref.labels[0].numpy().astype(np.uint8))
         np.testing.assert_allclose(out.uncertainty, ref.uncertainty[0].numpy(), atol=1e-5)
         assert np.array_equal(out.mask, ref.mask[0].numpy().astype(np.uint8) * 255)

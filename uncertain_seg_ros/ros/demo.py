@@ -35,13 +35,13 @@ def isolate_graph(domain_id: int | None) -> int:
     return domain
 
 
-def start_node(params: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """``perception_node`` in a child process, its log in ``log_path``."""
+def start_node(params: dict[str, str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``perception_node`` in a child process, its log in ``log_path``; ``env`` adds environment variables."""
     args = [sys.executable, "-m", "uncertain_seg_ros.ros.perception_node", "--ros-args"]
     for name, value in params.items():
         args += ["-p", f"{name}:={value}"]
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(args, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    return subprocess.Popen(args, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 def stop_node(proc: subprocess.Popen) -> int:
