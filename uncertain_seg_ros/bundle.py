@@ -146,6 +146,7 @@ class Bundle:
     config: BundleConfig
     model: UncertainSegmenter
     model_id: str
+    model_checksum: str = ""
 
 
 def sha256_file(path: Path) -> str:
@@ -245,4 +246,5 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     _check_state_dict(model, state, config)
     model.load_state_dict(state, strict=True)
     model.to(device).eval()
-    return Bundle(path=path, config=config, model=model, model_id=digests[WEIGHTS_FILE][:12])
+    return Bundle(path=path, config=config, model=model, model_id=digests[WEIGHTS_FILE][:12],
+                  model_checksum=digests[WEIGHTS_FILE])

@@ -1,8 +1,10 @@
 """Camera frames in, published outputs out, all on the inference device.
 
 Upload uint8 pixels, resize and normalise on the device, run the network once for every frame of
-the same size (several cameras batch together), decode at each camera's resolution and compute
-only the outputs somebody asked for; only those are downloaded.
+the same size (several cameras batch together) through the chosen backend, decode at each camera's
+resolution and compute only the outputs somebody asked for; only those are downloaded. The three
+stages are public (:meth:`Predictor.prepare`, :meth:`Predictor.infer`, :meth:`Predictor.finish`) so
+that the benchmark can time each; :meth:`Predictor.run` chains them.
 """
 from dataclasses import dataclass
 
@@ -14,9 +16,10 @@ from ..colormap import COLORMAPS, colorize_labels, colorize_scalar
 from ..overlay import MARK_COLOR, overlay
 from ..prediction import decode
 from ..preprocessing import to_input
+from .artifact_cache import ArtifactCache
+from .backend import BACKENDS, PRECISIONS, create_backend
 
 OUTPUT_KINDS = ("labels", "labels_color", "uncertainty", "uncertainty_color", "mask", "overlay")
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -28,8 +31,15 @@ class PredictorOptions:
     mask_threshold: float | None = None
     colormap: str = "inferno"
     overlay_alpha: float = 0.5
+    backend: str = "torch"
+    max_batch: int = 1
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if self.backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend must be auto or one of {BACKENDS}, got {self.backend!r}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
         if self.colormap not in COLORMAPS:
@@ -53,18 +63,30 @@ class FrameOutputs:
     uncertain_fraction: float = 0.0
 
 
+@dataclass
+class Prepared:
+    """Frames uploaded to the device, grouped by size, with each group's network input."""
+
+    uploaded: list[torch.Tensor]
+    groups: dict[tuple[int, int], list[int]]
+    inputs: dict[tuple[int, int], torch.Tensor]
+
+
 class Predictor:
-    """A loaded bundle ready to segment camera frames (PyTorch backend)."""
+    """A loaded bundle ready to segment camera frames, behind the backend ``options.backend``.
+
+    Compiled backends are built (or loaded from the artefact cache) here, for batches of up to
+    ``options.max_batch`` frames of one size; larger groups are split.
+    """
 
     def __init__(self, bundle: Bundle, options: PredictorOptions = PredictorOptions()) -> None:
         self.bundle = bundle
         self.options = options
         self.device = torch.device(options.device)
-        self.dtype = PRECISIONS[options.precision]
-        if self.device.type == "cpu" and self.dtype == torch.float16:
-            raise ValueError("precision fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
         cfg = bundle.config
-        self.model = bundle.model.to(self.device).eval()
+        self.backend = create_backend(options.backend, bundle, self.device, options.precision, options.max_batch,
+                                      ArtifactCache(options.cache_dir))
+        self.model = bundle.model
         self.input_size = (cfg.input.height, cfg.input.width)
         self.threshold = cfg.mask_threshold if options.mask_threshold is None else options.mask_threshold
         self.palette = torch.as_tensor(cfg.palette, device=self.device)
@@ -78,14 +100,36 @@ class Predictor:
         return self.bundle.model_id
 
     @torch.inference_mode()
-    def _network(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = to_input(torch.stack(images), self.input_size, self.mean, self.std)
-        if self.dtype == torch.float32:
-            return self.model(x)
-        with torch.autocast(self.device.type, dtype=self.dtype):
-            return self.model(x)
+    def prepare(self, images: list[np.ndarray]) -> Prepared:
+        """Upload (H, W, 3) uint8 RGB frames; resize and normalise each size group on the device."""
+        uploaded = [torch.from_numpy(np.ascontiguousarray(im)).to(self.device, non_blocking=True) for im in images]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(uploaded):
+            groups.setdefault(tuple(im.shape[:2]), []).append(i)
+        inputs = {size: to_input(torch.stack([uploaded[i] for i in idx]), self.input_size, self.mean, self.std)
+                  for size, idx in groups.items()}
+        return Prepared(uploaded, groups, inputs)
 
     @torch.inference_mode()
+    def infer(self, prepared: Prepared) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+        """The network on every size group, in batches of at most ``max_batch`` frames."""
+        out = {}
+        step = self.options.max_batch
+        for size, x in prepared.inputs.items():
+            parts = [self.backend(x[i : i + step]) for i in range(0, x.shape[0], step)]
+            out[size] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])) if len(parts) > 1 else parts[0]
+        return out
+
+    @torch.inference_mode()
+    def finish(self, prepared: Prepared, network_out: dict, wanted: list[set[str]]) -> list[FrameOutputs]:
+        """Decode each frame at its camera's resolution and download the requested outputs."""
+        results: list[FrameOutputs | None] = [None] * len(prepared.uploaded)
+        for size, idx in prepared.groups.items():
+            logits, loss = network_out[size]
+            for j, i in enumerate(idx):
+                results[i] = self._outputs(prepared.uploaded[i], logits[j : j + 1], loss[j : j + 1], size, wanted[i])
+        return results
+
     def run(
         self, images: list[np.ndarray], wanted: set[str] | frozenset[str] | list[set[str]] = frozenset(OUTPUT_KINDS)
     ) -> list[FrameOutputs]:
@@ -93,22 +137,20 @@ class Predictor:
 
         ``wanted`` names the outputs to compute, for all frames or as one set per frame.
         """
-        per_frame = [set(w) for w in wanted] if isinstance(wanted, list) else [set(wanted)] * len(images)
-        if len(per_frame) != len(images):
-            raise ValueError(f"{len(per_frame)} output sets for {len(images)} frames")
+        per_frame = self.check_wanted(wanted, len(images))
+        prepared = self.prepare(images)
+        return self.finish(prepared, self.infer(prepared), per_frame)
+
+    @staticmethod
+    def check_wanted(wanted: set[str] | frozenset[str] | list[set[str]], n: int) -> list[set[str]]:
+        """``wanted`` as one validated set per frame."""
+        per_frame = [set(w) for w in wanted] if isinstance(wanted, list) else [set(wanted)] * n
+        if len(per_frame) != n:
+            raise ValueError(f"{len(per_frame)} output sets for {n} frames")
         unknown = set().union(*per_frame) - set(OUTPUT_KINDS)
         if unknown:
             raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUT_KINDS}")
-        uploaded = [torch.from_numpy(np.ascontiguousarray(im)).to(self.device, non_blocking=True) for im in images]
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, im in enumerate(uploaded):
-            groups.setdefault(tuple(im.shape[:2]), []).append(i)
-        results: list[FrameOutputs | None] = [None] * len(images)
-        for size, idx in groups.items():
-            logits, loss = self._network([uploaded[i] for i in idx])
-            for j, i in enumerate(idx):
-                results[i] = self._outputs(uploaded[i], logits[j : j + 1], loss[j : j + 1], size, per_frame[i])
-        return results
+        return per_frame
 
     def _outputs(self, image: torch.Tensor, logits: torch.Tensor, loss: torch.Tensor, size: tuple[int, int], wanted) -> FrameOutputs:
         cfg = self.bundle.config

@@ -67,6 +67,8 @@ class DinoVisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         self.mask_token = nn.Parameter(torch.zeros(1, cfg.embed_dim))
         self._pos_cache: dict[tuple, torch.Tensor] = {}
+        self.deployed_size: tuple[int, int] | None = None
+        self.register_buffer("deployed_pos_embed", None, persistent=False)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -88,8 +90,10 @@ class DinoVisionTransformer(nn.Module):
         convention. Outside training the table is cached per input size: it is constant for a
         deployed resolution.
         """
-        key = (h, w, self.pos_embed.data_ptr(), self.pos_embed._version, self.pos_embed.device, self.pos_embed.dtype)
-        cacheable = not (self.training or torch.is_grad_enabled())
+        if self.deployed_size == (h, w):
+            return self.deployed_pos_embed
+        cacheable = not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
+        key = (h, w, self.pos_embed.data_ptr(), self.pos_embed._version, self.pos_embed.device, self.pos_embed.dtype) if cacheable else None
         if cacheable and key in self._pos_cache:
             return self._pos_cache[key]
         N = self.pos_embed.shape[1] - 1
@@ -117,6 +121,18 @@ class DinoVisionTransformer(nn.Module):
         if cacheable:
             self._pos_cache = {key: table}
         return table
+
+    @torch.no_grad()
+    def deploy_at(self, h: int, w: int) -> None:
+        """Fix the position-embedding table for an ``h`` x ``w`` input as a (non-persistent) buffer.
+
+        Compilers and exporters (torch.compile, torch.export, ONNX, TensorRT) then see a constant
+        instead of the interpolation and its per-size cache; other sizes still interpolate. Call it
+        again after changing ``pos_embed``.
+        """
+        self.deployed_size = None
+        self.deployed_pos_embed = self.interpolate_pos_encoding(h, w).detach().clone()
+        self.deployed_size = (h, w)
 
     def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) -> tokens [cls, registers..., patches...] with position embeddings.
