@@ -7,6 +7,7 @@ PACKAGE = "uncertain_seg_ros"
 # ROS 2 Jazzy's Python packages as wheels, for machines without a ROS install (a sourced ROS 2
 # workspace provides them otherwise). The message packages are pinned to Jazzy's 5.3.x.
 ROS_WHEELS = ["ros-jazzy-rclpy[fastrtps]", "ros-sensor-msgs==5.3.6", "ros-std-msgs==5.3.6", "ros-diagnostic-msgs==5.3.6"]
+ONNX = ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.3"]  # onnxscript: the TorchDynamo ONNX exporter
 
 
 def _data_files() -> list[tuple[str, list[str]]]:
@@ -52,9 +53,9 @@ setup(
     extras_require={
         "ros": ROS_WHEELS,
         "train": ["matplotlib>=3.6"],
-        "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
-        "tensorrt": ["torch-tensorrt>=2.1"],
-        "test": ["pytest>=7", "scikit-learn>=1.2", "matplotlib>=3.6", *ROS_WHEELS],
+        "onnx": ONNX,
+        "tensorrt": ["torch-tensorrt>=2.9"],
+        "test": ["pytest>=7", "scikit-learn>=1.2", "matplotlib>=3.6", *ROS_WHEELS, *ONNX],
     },
     entry_points={
         "console_scripts": [

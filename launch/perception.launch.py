@@ -27,7 +27,7 @@ def generate_launch_description() -> LaunchDescription:
                               description="image topics to segment, as a YAML list"),
         DeclareLaunchArgument("model", default_value="camvid_demo",
                               description="model bundle folder, or the name of a shipped bundle"),
-        DeclareLaunchArgument("backend", default_value="auto", description="auto, torch, onnxruntime or tensorrt"),
+        DeclareLaunchArgument("backend", default_value="auto", description="auto, torch, torch_compile, onnxruntime or tensorrt"),
         DeclareLaunchArgument("device", default_value="auto", description="auto, cpu, cuda or cuda:N"),
         DeclareLaunchArgument("transport", default_value="raw", description="raw or compressed"),
         DeclareLaunchArgument("input_qos", default_value="sensor_data",

@@ -40,6 +40,14 @@ def core_prediction(bundle: Bundle, image: np.ndarray) -> Prediction:
                   selector=bundle.model.selector)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def engine_cache(tmp_path_factory) -> Path:
+    """Compiled artefacts of this test session (nodes started by tests inherit it), not ~/.cache."""
+    path = tmp_path_factory.mktemp("engines")
+    os.environ["UNCERTAIN_SEG_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture
 def tiny_bundle(tmp_path: Path) -> Path:
     """A freshly exported bundle of a randomly initialised tiny model."""

@@ -87,7 +87,7 @@ def graph(tmp_path_factory):
     config = tiny_bundle_config()
     bundle_path = save_bundle(tmp / "bundle", UncertainSegmenter(config.model), config)
     isolate()
-    node = NodeProcess({"model": str(bundle_path), "device": "cpu", "input_qos": "reliable", "diagnostics_period": "0.5",
+    node = NodeProcess({"model": str(bundle_path), "device": "cpu", "backend": "torch", "input_qos": "reliable", "diagnostics_period": "0.5",
                         "camera_topics": "[" + ",".join(CAMERAS + [MIXED]) + "]"}, tmp / "node.log")
     tester = Tester()
     tester.subscribe(DiagnosticArray, "/diagnostics")
@@ -295,7 +295,7 @@ def test_compressed_transport_and_corrupt_jpeg(graph, tmp_path):
 
 
 @pytest.mark.parametrize("param, value, message", [
-    ("backend", "cuda_magic", "parameter 'backend' is 'cuda_magic'; allowed: auto, torch, onnxruntime, tensorrt"),
+    ("backend", "cuda_magic", "parameter 'backend' is 'cuda_magic'; allowed: auto, torch, torch_compile, onnxruntime, tensorrt"),
     ("overlay_alpha", "1.5", "parameter 'overlay_alpha' is 1.5; it must be in [0.0, 1.0]"),
     ("outputs", "[labels,depth]", "parameter 'outputs' is 'depth'; allowed"),
     ("model", "/nonexistent/bundle", "neither a folder nor a shipped bundle"),
@@ -317,6 +317,44 @@ def test_incompatible_qos_is_reported(graph, tmp_path):
         tester.publisher(Image, "/cam_q/image_raw", qos="best_effort")
         tester.wait(lambda: "incompatible QoS" in node.log(), 60, "incompatible-QoS warning")
         assert "RELIABILITY" in node.log()
+    finally:
+        tester.close()
+        node.stop()
+
+
+def test_onnxruntime_backend_through_the_graph(graph, tmp_path):
+    """backend=onnxruntime, two cameras batched into one call: labels equal the core's PyTorch result,
+    uncertainty within 1e-3, and /diagnostics names the backend."""
+    cams = ["/cam_o1/image_raw", "/cam_o2/image_raw"]
+    node = NodeProcess({"model": str(graph["bundle"].path), "device": "cpu", "backend": "onnxruntime",
+                        "engine_cache": str(tmp_path / "engines"), "input_qos": "reliable", "diagnostics_period": "0.5",
+                        "camera_topics": "[" + ",".join(cams) + "]"}, tmp_path / "node.log")
+    tester = Tester("onnx_tester")
+    try:
+        for cam in cams:
+            tester.publisher(Image, cam)
+            for kind in ("labels", "uncertainty"):
+                tester.subscribe(Image, f"{cam.rsplit('/', 1)[0]}/segmentation/{kind}")
+        tester.subscribe(DiagnosticArray, "/diagnostics")
+        tester.connected(timeout=90)
+        view = {"tester": tester}
+        for cam in cams:
+            latest_status(view, cam, lambda s: s["outputs_subscribed"] == "labels,uncertainty", 60)
+        stamp = next_stamp()
+        frames = {cam: scene(seed=20 + i) for i, cam in enumerate(cams)}
+        for cam in cams:
+            tester.pubs[cam].publish(raw_message(frames[cam], "rgb8", stamp))
+        for cam in cams:
+            ns = cam.rsplit("/", 1)[0] + "/segmentation"
+            tester.wait(lambda: tester.messages(f"{ns}/labels", stamp) and tester.messages(f"{ns}/uncertainty", stamp),
+                        30, f"outputs of {cam}")
+            ref = core_prediction(graph["bundle"], frames[cam])
+            assert np.array_equal(as_array(tester.messages(f"{ns}/labels", stamp)[0]), ref.labels[0].numpy())
+            np.testing.assert_allclose(as_array(tester.messages(f"{ns}/uncertainty", stamp)[0]),
+                                       ref.uncertainty[0].numpy(), atol=1e-3)
+        status = latest_status(view, cams[0], lambda s: int(s["frames_processed"]) >= 1)
+        assert status["backend"] == "onnxruntime"
+        assert list((tmp_path / "engines").glob("onnxruntime-*/model.onnx"))
     finally:
         tester.close()
         node.stop()

@@ -19,6 +19,7 @@ uncertain_seg_ros node.
   calibrate  fit temperature / selective scaling and the mask threshold on a held-out labelled split.
   evaluate   mIoU, misclassification detection (max F0.5, AUROC, AUPR, FPR95) and ECE of a
              bundle on a labelled folder; writes metrics.json and a Markdown report with plots.
+  build-engine  build a bundle's ONNX / TensorRT artefact ahead of time, so the node only loads it.
   bag        rosbag tools: info, extract and write (no ROS install needed), play (needs rclpy).
   demo       the perception node on the bundled sample bag; outputs written as PNGs + montage.
 
@@ -130,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .calibrate import register as register_calibrate
 
     register_calibrate(sub)
+
+    from .build_engine import register as register_build_engine
+
+    register_build_engine(sub)
 
     from .bag_commands import register as register_bag
 

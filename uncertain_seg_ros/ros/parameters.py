@@ -5,11 +5,11 @@ from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
 
 from ..colormap import COLORMAPS
-from ..inference import OUTPUT_KINDS
-from ..inference.predictor import PRECISIONS
+from ..inference import BACKENDS as INFERENCE_BACKENDS
+from ..inference import OUTPUT_KINDS, PRECISIONS
 from .qos import QOS_PRESETS
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", *INFERENCE_BACKENDS)
 TRANSPORTS = ("raw", "compressed")
 
 # name -> (default, description). Every entry is documented in config/perception.yaml too.
@@ -18,6 +18,7 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "backend": ("auto", f"inference backend, one of {BACKENDS}; auto picks the fastest available"),
     "device": ("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N"),
     "precision": ("fp32", f"network precision, one of {tuple(PRECISIONS)} (fp16 needs CUDA)"),
+    "engine_cache": ("", "folder of compiled artefacts (ONNX, TensorRT); empty: $UNCERTAIN_SEG_CACHE or ~/.cache/uncertain_seg_ros/engines"),
     "camera_topics": (["/camera/image_raw"], "image topics to segment; outputs go under <topic's namespace>/<output_namespace>/"),
     "transport": ("raw", "raw: sensor_msgs/Image on each topic; compressed: sensor_msgs/CompressedImage on <topic>/compressed "
                          "(a topic listed as .../compressed is compressed whatever this says)"),
@@ -46,6 +47,7 @@ class NodeSettings:
     backend: str
     device: str
     precision: str
+    engine_cache: str
     camera_topics: tuple[str, ...]
     transport: str
     input_qos: str
@@ -99,6 +101,7 @@ def declare_and_read(node: Node) -> NodeSettings:
         backend=_one_of("backend", p["backend"], BACKENDS),
         device=device,
         precision=_one_of("precision", p["precision"], tuple(PRECISIONS)),
+        engine_cache=p["engine_cache"],
         camera_topics=topics,
         transport=_one_of("transport", p["transport"], TRANSPORTS),
         input_qos=_one_of("input_qos", p["input_qos"], tuple(QOS_PRESETS)),

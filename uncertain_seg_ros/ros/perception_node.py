@@ -5,6 +5,7 @@ newest frame of each camera; one inference thread takes the newest frames of all
 them through the core's Predictor in one batch and publishes what has subscribers, with the input
 header, at the camera's resolution.
 """
+import logging
 import sys
 import threading
 import time
@@ -20,7 +21,7 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from ..bundle import BundleError, load_bundle
 from ..image_encoding import ImageDataError, UnsupportedEncodingError
-from ..inference import Predictor, PredictorOptions
+from ..inference import BackendUnavailable, Predictor, PredictorOptions, choose_backend
 from ..resources import resolve_bundle
 from .camera_stream import CameraStream
 from .conversions import array_to_message, message_to_rgb8
@@ -37,10 +38,24 @@ def _device(name: str) -> str:
     return name
 
 
-def _backend(name: str) -> str:
-    if name in ("auto", "torch"):
-        return "torch"
-    raise ParameterError(f"parameter 'backend' is {name!r}, which this build does not provide yet; use auto or torch")
+def _backend(name: str, device: str) -> str:
+    try:
+        return choose_backend(name, device)
+    except BackendUnavailable as exc:
+        raise ParameterError(f"parameter 'backend': {exc}") from exc
+
+
+class _RosLogHandler(logging.Handler):
+    """Forwards the core's ``logging`` records (e.g. engine-build progress) to the node's ROS logger."""
+
+    def __init__(self, logger) -> None:
+        super().__init__(logging.INFO)
+        self.ros = logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = record.levelno
+        log = self.ros.error if level >= logging.ERROR else self.ros.warning if level >= logging.WARNING else self.ros.info
+        log(f"[{record.name}] {record.getMessage()}")
 
 
 class PerceptionNode(Node):
@@ -48,11 +63,17 @@ class PerceptionNode(Node):
         super().__init__("perception_node", **kwargs)
         self.settings: NodeSettings = declare_and_read(self)
         s = self.settings
-        self.backend = _backend(s.backend)
+        core_log = logging.getLogger("uncertain_seg_ros")
+        core_log.setLevel(logging.INFO)
+        if not any(isinstance(h, _RosLogHandler) for h in core_log.handlers):
+            core_log.addHandler(_RosLogHandler(self.get_logger()))
         device = _device(s.device)
+        self.backend = _backend(s.backend, device)
         bundle_path = resolve_bundle(s.model)
         bundle = load_bundle(bundle_path, device)
-        self.predictor = Predictor(bundle, PredictorOptions(device, s.precision, s.mask_threshold, s.colormap, s.overlay_alpha))
+        options = PredictorOptions(device, s.precision, s.mask_threshold, s.colormap, s.overlay_alpha, backend=self.backend,
+                                   max_batch=len(s.camera_topics), cache_dir=s.engine_cache or None)
+        self.predictor = Predictor(bundle, options)
         labels_encoding = "mono8" if self.predictor.label_dtype == np.uint8 else "mono16"
         self.info = {"backend": self.backend, "device": device, "precision": s.precision,
                      "model_id": bundle.model_id, "model_name": bundle.config.name}
@@ -78,7 +99,7 @@ class PerceptionNode(Node):
         self._worker = threading.Thread(target=self._work, name="inference", daemon=True)
         self._worker.start()
         self.get_logger().info(f"model {bundle.config.name} ({bundle_path}, id {bundle.model_id}) on {device}, "
-                               f"backend {self.backend}, {s.precision}")
+                               f"backend {self.predictor.backend.describe()}")
 
     def _incompatible_qos(self, topic: str, info) -> None:
         self.get_logger().warning(

@@ -1,0 +1,291 @@
+"""Inference backends: what compilers need (torch.export, no graph breaks), ONNX Runtime against
+PyTorch on real CamVid frames, the artefact cache, backend choice, and TensorRT / CUDA where present."""
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import CAMVID, REPO
+from uncertain_seg_ros.bundle import BundleConfig, ClassInfo, InputSpec, load_bundle, save_bundle
+from uncertain_seg_ros.inference import (
+    ArtifactCache,
+    ArtifactKey,
+    BackendUnavailable,
+    Predictor,
+    PredictorOptions,
+    available_backends,
+    choose_backend,
+    create_backend,
+)
+from uncertain_seg_ros.inference.network import DeployedNetwork, export_program
+from uncertain_seg_ros.model import SegmenterConfig, UncertainSegmenter, backbone_config
+
+DEMO = REPO / "models" / "camvid_demo"
+needs_camvid = pytest.mark.skipif(not (CAMVID / "dusk" / "test").is_dir(), reason=f"CamVid not found at {CAMVID}")
+
+
+def _frames(split: str, n: int) -> list[np.ndarray]:
+    paths = sorted((CAMVID / split / "images").iterdir())[:n]
+    return [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths]
+
+
+def _vits14_bundle(path: Path, registers: bool = False) -> Path:
+    """ViT-S/14 (official DINOv2 architecture, random weights) deployed at 476x644, as from a 640x480 camera."""
+    torch.manual_seed(0)
+    name = "dinov2_vits14_reg" if registers else "dinov2_vits14"
+    model_cfg = SegmenterConfig(11, backbone_config(name))
+    classes = [ClassInfo(i, f"class{i}", (20 * i, 255 - 20 * i, 7 * i)) for i in range(11)]
+    cfg = BundleConfig(name="vits14", model=model_cfg, classes=classes, input=InputSpec(476, 644), ignore_index=255,
+                       backbone_name=name)
+    return save_bundle(path, UncertainSegmenter(model_cfg), cfg)
+
+
+@pytest.fixture(scope="module")
+def vits14(tmp_path_factory) -> Path:
+    return _vits14_bundle(tmp_path_factory.mktemp("vits14") / "bundle")
+
+
+@pytest.mark.parametrize("which", ["demo", "vits14"])
+def test_network_exports_whole_with_torch_export(which, vits14):
+    """The deployed network is one graph: strict torch.export succeeds with a dynamic camera batch,
+    TorchDynamo reports no graph break, and the exported program computes what the model does."""
+    bundle = load_bundle(DEMO if which == "demo" else vits14)
+    net = DeployedNetwork(bundle.model, bundle.config.input.height, bundle.config.input.width)
+    x = net.example(2)
+    explained = torch._dynamo.explain(net)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    program = export_program(net, x, max_batch=3)
+    with torch.no_grad():
+        want = net(x)
+        got = program.module()(x)
+        got3 = program.module()(net.example(3))
+    assert got3[0].shape[0] == 3
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_deployed_pos_embed_is_the_interpolated_one(vits14):
+    bundle = load_bundle(vits14)
+    bb = bundle.model.backbone
+    want = bb.interpolate_pos_encoding(476, 644).clone()
+    bb.deploy_at(476, 644)
+    assert bb.deployed_pos_embed.shape == want.shape and torch.equal(bb.interpolate_pos_encoding(476, 644), want)
+    assert "deployed_pos_embed" not in bundle.model.state_dict()
+
+
+def _compare(reference, outputs, uncertainty_tol: float = 1e-3) -> tuple[float, float]:
+    agree = [float((r.labels == o.labels).mean()) for r, o in zip(reference, outputs)]
+    diff = max(float(np.abs(r.uncertainty - o.uncertainty).max()) for r, o in zip(reference, outputs))
+    return min(agree), diff
+
+
+@needs_camvid
+def test_onnxruntime_matches_pytorch_on_camvid_frames(tmp_path):
+    """Demo bundle, 31 dusk/test + 12 day/test frames at camera resolution, three cameras per call:
+    labels identical on every pixel, uncertainty within 1e-3."""
+    bundle = load_bundle(DEMO)
+    frames = _frames("dusk/test", 31) + _frames("day/test", 12)
+    ref = Predictor(bundle, PredictorOptions(backend="torch"))
+    ort = Predictor(bundle, PredictorOptions(backend="onnxruntime", max_batch=3, cache_dir=str(tmp_path)))
+    wanted = {"labels", "uncertainty"}
+    reference, outputs = [], []
+    for i in range(0, len(frames), 3):
+        reference += ref.run(frames[i : i + 3], wanted)
+        outputs += ort.run(frames[i : i + 3], wanted)
+    agreement, diff = _compare(reference, outputs)
+    assert agreement == 1.0, f"labels differ: worst frame agrees on {agreement:.6f} of pixels"
+    assert diff <= 1e-3, diff
+
+
+def test_onnxruntime_matches_pytorch_vits14_with_registers(tmp_path):
+    """ViT-S/14 with registers at 476x644 from 640x480 frames: same labels, uncertainty within 1e-3."""
+    bundle = load_bundle(_vits14_bundle(tmp_path / "b", registers=True))
+    rng = np.random.default_rng(0)
+    frames = [cv2.GaussianBlur(rng.integers(0, 256, (480, 640, 3), np.uint8), (0, 0), 8) for _ in range(2)]
+    reference = Predictor(bundle, PredictorOptions(backend="torch")).run(frames, {"labels", "uncertainty"})
+    outputs = Predictor(bundle, PredictorOptions(backend="onnxruntime", max_batch=2, cache_dir=str(tmp_path / "c"))).run(
+        frames, {"labels", "uncertainty"})
+    agreement, diff = _compare(reference, outputs)
+    assert agreement >= 0.999 and diff <= 1e-3, (agreement, diff)
+
+
+def test_predictor_splits_groups_larger_than_max_batch(tiny_bundle, tmp_path):
+    bundle = load_bundle(tiny_bundle)
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, (40, 50, 3), np.uint8) for _ in range(5)]
+    ref = Predictor(bundle, PredictorOptions(backend="torch")).run(frames, {"labels", "uncertainty"})
+    out = Predictor(bundle, PredictorOptions(backend="onnxruntime", max_batch=2, cache_dir=str(tmp_path))).run(
+        frames, {"labels", "uncertainty"})
+    assert len(out) == 5
+    agreement, diff = _compare(ref, out)
+    assert agreement == 1.0 and diff < 1e-4
+
+
+def _key(**changes) -> ArtifactKey:
+    base = dict(model_checksum="ab" * 32, backend="onnxruntime", versions={"onnxruntime": "1.0"}, device="cpu x86_64",
+                precision="fp32", input_shape=(1, 3, 56, 70))
+    return ArtifactKey(**{**base, **changes})
+
+
+def test_artifact_cache_builds_once_and_reuses(tmp_path):
+    cache = ArtifactCache(tmp_path)
+    builds = []
+
+    def build(folder: Path) -> None:
+        builds.append(folder)
+        (folder / "model.bin").write_bytes(b"engine")
+
+    first = cache.get_or_build(_key(), build)
+    again = cache.get_or_build(_key(), build)
+    assert first == again and len(builds) == 1
+    meta = json.loads((first / "key.json").read_text())
+    assert meta["key"]["model_checksum"] == "ab" * 32 and "model.bin" in meta["files"]
+
+
+@pytest.mark.parametrize("change", [
+    {"versions": {"onnxruntime": "2.0"}}, {"device": "NVIDIA H100 sm_90"},
+])
+def test_stale_cache_entry_is_rebuilt_and_removed(tmp_path, change):
+    """A new library version or GPU gives a new key: rebuilt, and the old entry (never loadable again) removed."""
+    cache = ArtifactCache(tmp_path)
+    old = cache.get_or_build(_key(), lambda f: (f / "m.bin").write_bytes(b"old"))
+    new = cache.get_or_build(_key(**change), lambda f: (f / "m.bin").write_bytes(b"new"))
+    assert new != old and not old.exists() and (new / "m.bin").read_bytes() == b"new"
+
+
+def test_other_precisions_and_shapes_are_kept(tmp_path):
+    cache = ArtifactCache(tmp_path)
+    a = cache.get_or_build(_key(), lambda f: (f / "m.bin").write_bytes(b"a"))
+    b = cache.get_or_build(_key(precision="fp16"), lambda f: (f / "m.bin").write_bytes(b"b"))
+    c = cache.get_or_build(_key(input_shape=(2, 3, 56, 70)), lambda f: (f / "m.bin").write_bytes(b"c"))
+    assert a.exists() and b.exists() and c.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "tamper", "delete", "key"])
+def test_damaged_cache_entry_is_rebuilt_not_loaded(tmp_path, damage):
+    cache = ArtifactCache(tmp_path)
+    entry = cache.get_or_build(_key(), lambda f: (f / "m.bin").write_bytes(b"engine-bytes"))
+    if damage == "truncate":
+        (entry / "m.bin").write_bytes(b"eng")
+    elif damage == "tamper":
+        (entry / "m.bin").write_bytes(b"ENGINE-bytes")
+    elif damage == "delete":
+        (entry / "m.bin").unlink()
+    else:
+        meta = json.loads((entry / "key.json").read_text())
+        meta["key"]["precision"] = "fp16"
+        (entry / "key.json").write_text(json.dumps(meta))
+    assert cache.lookup(_key()) is None
+    rebuilt = cache.get_or_build(_key(), lambda f: (f / "m.bin").write_bytes(b"engine-bytes"))
+    assert (rebuilt / "m.bin").read_bytes() == b"engine-bytes" and cache.lookup(_key()) == rebuilt
+
+
+def test_failed_build_leaves_nothing(tmp_path):
+    cache = ArtifactCache(tmp_path)
+
+    def build(folder: Path) -> None:
+        (folder / "half.bin").write_bytes(b"x")
+        raise RuntimeError("builder crashed")
+
+    with pytest.raises(RuntimeError, match="builder crashed"):
+        cache.get_or_build(_key(), build)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_backend_reuses_and_rebuilds_its_cache(tiny_bundle, tmp_path):
+    """Same model: loaded from the cache; retrained weights (new checksum): a new entry."""
+    bundle = load_bundle(tiny_bundle)
+    first = create_backend("onnxruntime", bundle, "cpu", cache=ArtifactCache(tmp_path))
+    mtime = (ArtifactCache(tmp_path).entry(first.key) / "model.onnx").stat().st_mtime_ns
+    second = create_backend("onnxruntime", bundle, "cpu", cache=ArtifactCache(tmp_path))
+    assert second.key == first.key
+    assert (ArtifactCache(tmp_path).entry(first.key) / "model.onnx").stat().st_mtime_ns == mtime
+    with torch.no_grad():
+        next(bundle.model.head.parameters()).add_(1.0)
+    retrained = save_bundle(tmp_path / "retrained", bundle.model, bundle.config)
+    third = create_backend("onnxruntime", load_bundle(retrained), "cpu", cache=ArtifactCache(tmp_path))
+    assert third.key.model_checksum != first.key.model_checksum
+    assert ArtifactCache(tmp_path).lookup(first.key) is not None  # another model's entry is not stale
+
+
+@pytest.mark.skipif(available_backends("cpu")["torch_compile"] is not None,
+                    reason=f"torch.compile unavailable: {available_backends('cpu')['torch_compile']}")
+def test_torch_compile_matches_eager_on_the_cpu(tiny_bundle):
+    """torch.compile (Inductor, fullgraph) of the deployed network gives eager's labels and uncertainty."""
+    bundle = load_bundle(tiny_bundle)
+    rng = np.random.default_rng(2)
+    frames = [rng.integers(0, 256, (40, 50, 3), np.uint8) for _ in range(2)]
+    ref = Predictor(bundle, PredictorOptions(backend="torch")).run(frames, {"labels", "uncertainty"})
+    out = Predictor(bundle, PredictorOptions(backend="torch_compile", max_batch=2)).run(frames, {"labels", "uncertainty"})
+    agreement, diff = _compare(ref, out)
+    assert agreement == 1.0 and diff < 1e-4
+
+
+def test_auto_prefers_onnxruntime_on_the_cpu():
+    assert available_backends("cpu")["onnxruntime"] is None
+    assert choose_backend("auto", "cpu") == "onnxruntime"
+    assert choose_backend("torch", "cpu") == "torch"
+
+
+def test_unavailable_backends_say_why():
+    reasons = available_backends("cpu")
+    assert reasons["tensorrt"] == "TensorRT runs on NVIDIA GPUs only"
+    with pytest.raises(BackendUnavailable, match="TensorRT runs on NVIDIA GPUs only"):
+        choose_backend("tensorrt", "cpu")
+    with pytest.raises(BackendUnavailable, match="unknown backend"):
+        choose_backend("openvino", "cpu")
+    with pytest.raises(ValueError, match="bf16 is not supported"):
+        create_backend("onnxruntime", load_bundle(DEMO), "cpu", "bf16")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        create_backend("torch", load_bundle(DEMO), "cpu", "fp16")
+
+
+def test_build_engine_command(tmp_path, capsys):
+    from uncertain_seg_training.cli import main
+
+    assert main(["build-engine", "--model", "camvid_demo", "--backend", "onnxruntime", "--device", "cpu",
+                 "--cameras", "2", "--cache", str(tmp_path)]) == 0
+    line = capsys.readouterr().out.strip()
+    entry = Path(line.rsplit(" ", 1)[1])
+    assert line.startswith("onnxruntime fp32 on cpu: artefact ready in") and (entry / "model.onnx").is_file()
+    assert json.loads((entry / "key.json").read_text())["key"]["input_shape"] == [2, 3, 280, 378]
+    with pytest.raises(SystemExit, match="TensorRT runs on NVIDIA GPUs only"):
+        main(["build-engine", "--backend", "tensorrt", "--device", "cpu", "--cache", str(tmp_path)])
+
+
+def _tensorrt_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "TensorRT needs an NVIDIA GPU; none is available here"
+    return available_backends("cuda")["tensorrt"]
+
+
+@pytest.mark.skipif(_tensorrt_reason() is not None, reason=f"TensorRT backend unavailable: {_tensorrt_reason()}")
+@needs_camvid
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tensorrt_matches_pytorch_on_camvid_frames(tmp_path, precision):
+    """TensorRT (dynamo, serialised program): >= 99.5% of pixels labelled as PyTorch fp32 does; the
+    second start loads the cached program instead of building."""
+    bundle = load_bundle(DEMO, "cuda")
+    frames = _frames("dusk/test", 12)
+    ref = Predictor(bundle, PredictorOptions(device="cuda", backend="torch")).run(frames, {"labels", "uncertainty"})
+    trt = Predictor(bundle, PredictorOptions(device="cuda", precision=precision, backend="tensorrt", max_batch=2,
+                                             cache_dir=str(tmp_path)))
+    agreement, _ = _compare(ref, [o for i in range(0, 12, 2) for o in trt.run(frames[i : i + 2], {"labels", "uncertainty"})])
+    assert agreement >= 0.995
+    again = create_backend("tensorrt", bundle, "cuda", precision, 2, ArtifactCache(tmp_path))
+    assert again.key == trt.backend.key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_camvid
+@pytest.mark.parametrize("backend, precision", [("torch", "fp16"), ("torch", "bf16"), ("torch_compile", "fp32"),
+                                                ("torch_compile", "fp16")])
+def test_cuda_backends_match_pytorch_fp32(backend, precision):
+    bundle = load_bundle(DEMO, "cuda")
+    frames = _frames("dusk/test", 8)
+    ref = Predictor(bundle, PredictorOptions(device="cuda", backend="torch")).run(frames, {"labels"})
+    out = Predictor(bundle, PredictorOptions(device="cuda", precision=precision, backend=backend)).run(frames, {"labels"})
+    assert min(float((r.labels == o.labels).mean()) for r, o in zip(ref, out)) >= 0.995
