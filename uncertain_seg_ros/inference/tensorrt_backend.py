@@ -48,8 +48,11 @@ class TensorRTBackend(Backend):
         log.info("TensorRT: exporting the network (torch.export, strict)")
         program = export_program(net, example, self.max_batch)
         h, w = self.network.height, self.network.width
-        spec = trt.Input(min_shape=(1, 3, h, w), opt_shape=(self.max_batch, 3, h, w),
-                         max_shape=(self.max_batch, 3, h, w), dtype=self.dtype)
+        if self.max_batch == 1:
+            spec = trt.Input(shape=(1, 3, h, w), dtype=self.dtype)
+        else:
+            spec = trt.Input(min_shape=(1, 3, h, w), opt_shape=(self.max_batch, 3, h, w),
+                             max_shape=(self.max_batch, 3, h, w), dtype=self.dtype)
         log.info("TensorRT: building the %s engine for batch 1..%d at %dx%d", self.precision, self.max_batch, h, w)
         compiled = trt.dynamo.compile(program, arg_inputs=[spec], device=self.device, min_block_size=1,
                                       require_full_compilation=True, optimization_level=5,
