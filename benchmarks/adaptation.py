@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--backbone-lr-mult", type=float, default=1.0, help="backbone LR = lr x this (0 freezes it)")
+    p.add_argument("--mask-ratio", type=float, default=0.5, help="fraction of patches masked in the gamma-SSL query")
+    p.add_argument("--tau", type=float, default=0.1, help="softmax temperature of the gamma-SSL consistency loss")
     p.add_argument("--dusk-calibration-frames", type=int, default=6)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
@@ -105,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (out / "bundle" / "checksums.sha256").is_file():
             cfg = AdaptConfig(bundle=str(source), data=str(cam / "day" / "train"), target_bags=(str(bag),),
                               method=method, out=str(out), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                              backbone_lr_mult=args.backbone_lr_mult, mask_ratio=args.mask_ratio, tau=args.tau,
                               workers=1, device=args.device, dedupe=0.0, val_every=args.steps,
                               val_data=str(cam / "day" / "val"))
             adapt(cfg)
@@ -126,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         row["uncertainty"] = night["uncertainty"]
         row["ece_uncalibrated"] = night["calibration"]["uncalibrated"]["ece"]
         curves[f"{name} / max_softmax"] = ev.curves["max_softmax"]
-        if name == "source-only":
-            curves[f"{name} / learned"] = ev.curves["learned"]
+        curves[f"{name} / learned"] = ev.curves["learned"]
         reliability[f"{name}, uncalibrated"] = ev.calibration["uncalibrated"]
         for variant, cal_data, test_data in (("day_val", cam / "day" / "val", dusk), ("dusk_frames", dusk_cal, dusk_rest)):
             for method in ("temperature", "selective"):
@@ -151,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Adaptation to dusk: CamVid day -> dusk",
         "",
         f"Reproduce: `python benchmarks/adaptation.py --camvid {cam} --bundle {args.bundle} "
-        f"--steps {args.steps} --batch-size {args.batch_size} --lr {args.lr}` (device: {device}).",
+        f"--steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} --backbone-lr-mult {args.backbone_lr_mult} "
+        f"--mask-ratio {args.mask_ratio} --tau {args.tau}` (device: {device}).",
         "",
         f"Source-only model: `{args.bundle}` (supervised on day/train). Target: dusk/unlabeled ({n_target} frames) "
         "written to a rosbag2 with `write_image_bag` and read back by `adapt` through the bag reader. Detection and "
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results.items():
-        for source in (SOURCES if name == "source-only" else ("max_softmax",)):
+        for source in SOURCES:
             u = row["uncertainty"][source]
             lines.append(
                 f"| {name} / {source} | {row['miou_day']:.4f} | {row['miou_dusk']:.4f} | {u['max_f05']:.4f} | "
