@@ -1,0 +1,155 @@
+"""The floor under a network's latency: its FLOPs and bytes against the device's measured peak.
+
+No implementation can run the network faster than ``max(FLOPs / peak FLOP/s, bytes / peak B/s)``
+on a device, so a measured latency is judged against that floor rather than against a guess.
+FLOPs are counted by PyTorch's ``FlopCounterMode`` on the deployed network (matrix products,
+convolutions and attention; element-wise work is not counted). Bytes are the minimum any
+implementation must move: the weights in the run's precision, the input batch and the outputs
+(intermediate activations are left out, as a perfectly fused network would keep them on chip).
+The peaks are measured here, not taken from a datasheet: the best of several large GEMMs for
+FLOP/s and of several large copies for bytes/s.
+"""
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from .backend import PRECISIONS
+from .network import DeployedNetwork
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# PyTorch's counter knows the CUDA attention kernels but not the CPU one, so attention (a third of
+# a ViT-S/14's work at 644x476) would count as free on the CPU.
+_EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+
+
+def count_flops(module: nn.Module, *inputs: torch.Tensor) -> int:
+    """FLOPs of one forward pass of ``module`` on ``inputs`` (a multiply-add counts as 2)."""
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+    with torch.no_grad(), counter:
+        module(*inputs)
+    return int(counter.get_total_flops())
+
+
+@dataclass(frozen=True)
+class NetworkCost:
+    """Work of one network call on a batch: FLOPs and the minimum bytes moved."""
+
+    flops: int
+    weight_bytes: int
+    input_bytes: int
+    output_bytes: int
+
+    @property
+    def bytes(self) -> int:
+        return self.weight_bytes + self.input_bytes + self.output_bytes
+
+
+def network_cost(network: DeployedNetwork, batch: int = 1, precision: str = "fp32") -> NetworkCost:
+    """FLOPs and minimum bytes of ``network`` on ``batch`` frames, weights and outputs in ``precision``.
+
+    The network is run once at batch 1 (FLOPs scale linearly with the batch: every operation is
+    per frame). The input is the float32 batch every backend receives.
+    """
+    device = next(network.parameters()).device
+    x = network.example(1, device=device)
+    flops = count_flops(network, x)
+    with torch.no_grad():
+        outputs = network(x)
+    itemsize = PRECISIONS[precision].itemsize
+    selector = network.model.selector  # used by decoding, not by the network call
+    unused = sum(p.numel() for p in selector.parameters()) if selector is not None else 0
+    weights = (sum(p.numel() for p in network.parameters()) - unused) * itemsize
+    return NetworkCost(flops=flops * batch, weight_bytes=weights, input_bytes=x.numel() * x.element_size() * batch,
+                       output_bytes=sum(o.numel() for o in outputs) * itemsize * batch)
+
+
+@dataclass(frozen=True)
+class DevicePeak:
+    """Measured peak arithmetic rate per precision (FLOP/s) and memory bandwidth (bytes/s) of a device."""
+
+    device: str
+    flops_per_s: dict[str, float]
+    bytes_per_s: float
+    gemm_size: int
+    copy_bytes: int
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, "flops_per_s": self.flops_per_s, "bytes_per_s": self.bytes_per_s,
+                "gemm_size": self.gemm_size, "copy_bytes": self.copy_bytes, **self.details}
+
+
+def _best_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn`` after one warm-up call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_peak(device: str | torch.device, precisions: tuple[str, ...] = ("fp32",), gemm_size: int | None = None,
+                 copy_mib: int | None = None, repeats: int = 5) -> DevicePeak:
+    """Peak FLOP/s of an ``n x n`` GEMM per precision and copy bandwidth (read + write) of a large tensor.
+
+    Defaults: n = 2048 and 256 MiB on the CPU, n = 8192 and 1 GiB on a GPU, large enough that the
+    call overhead is negligible. fp16 is measured on CUDA only; float32 GEMMs run at the precision
+    ``torch.get_float32_matmul_precision()`` allows (TF32 when set to "high"), as the backends do.
+    """
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    n = gemm_size or (8192 if cuda else 2048)
+    flops = {}
+    for name in precisions:
+        if name == "fp16" and not cuda:
+            continue
+        a = torch.randn(n, n, device=dev).to(PRECISIONS[name])
+        b = torch.randn(n, n, device=dev).to(PRECISIONS[name])
+        flops[name] = 2 * n**3 / _best_seconds(lambda: torch.mm(a, b), dev, repeats)
+        del a, b
+    numel = (copy_mib or (1024 if cuda else 256)) * 2**20 // 4
+    src = torch.ones(numel, device=dev)
+    dst = torch.empty_like(src)
+    copy_s = _best_seconds(lambda: dst.copy_(src), dev, repeats)
+    name = torch.cuda.get_device_name(dev) if cuda else _cpu_name()
+    details = {"name": name, "threads": torch.get_num_threads(), "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    return DevicePeak(str(dev), flops, 2 * src.numel() * 4 / copy_s, n, src.numel() * 4, details)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def floor_seconds(cost: NetworkCost, peak: DevicePeak, precision: str) -> dict[str, float | str | None]:
+    """The roofline floor of one call: compute time, memory time, their maximum and which one binds.
+
+    Without a measured peak for ``precision`` (e.g. bf16 not measured) the fp32 peak is used.
+    """
+    rate = peak.flops_per_s.get(precision) or peak.flops_per_s.get("fp32")
+    compute = cost.flops / rate if rate else None
+    memory = cost.bytes / peak.bytes_per_s
+    floor = max(compute or 0.0, memory)
+    return {"compute_s": compute, "memory_s": memory, "floor_s": floor,
+            "bound": "compute" if compute is not None and compute >= memory else "memory"}
