@@ -1,0 +1,362 @@
+"""``uncertain-seg benchmark``: latency per stage and end to end, per backend, precision and camera count.
+
+For one model on real camera frames, each backend x precision runs at batch 1 (one camera) and at
+batch N (N cameras, which the node batches into one network call):
+
+1. In this process, the node's path for one round of frames, stage by stage: decode (message
+   payload -> RGB), preprocess, inference, postprocess (the core's Predictor), message conversion
+   and publishing (rclpy, to a subscriber in this process).
+2. Through a real ROS 2 graph: perception_node in its own process with the same backend and
+   precision, frames published to it and its outputs received here (see :mod:`.graph_latency`):
+   latency at half the node's capacity, throughput with frames coming at three times it.
+3. Label agreement with PyTorch fp32 eager on the frames, and the roofline floor of the network
+   (FLOPs and bytes against the device's measured peak).
+
+Backends or precisions that cannot run here are reported with the reason, not dropped.
+"""
+import logging
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from ..bundle import BundleConfig, ClassInfo, InputSpec, load_bundle, save_bundle
+from ..image_files import list_images, read_rgb
+from ..inference import (
+    BACKENDS,
+    OUTPUT_KINDS,
+    BackendUnavailable,
+    Predictor,
+    PredictorOptions,
+    available_backends,
+    default_cache_dir,
+)
+from ..inference.network import DeployedNetwork
+from ..inference.profiling import (
+    CameraPayload,
+    agreement,
+    predictor_stages,
+    reference_outputs,
+    summarize,
+    time_stages,
+)
+from ..inference.roofline import floor_seconds, measure_peak, network_cost
+from ..model import SegmenterConfig, UncertainSegmenter, backbone_config
+from ..resources import resolve_bundle
+
+log = logging.getLogger(__name__)
+ROS_STAGES = ("convert", "publish")
+RANDOM_PREFIX = "random:"
+FLOOD_FACTOR = 3.0  # the throughput run publishes at this multiple of the unloaded round-trip rate
+
+
+@dataclass
+class BenchmarkConfig:
+    """What to measure and how long; the command's options."""
+
+    model: str = "camvid_demo"
+    backends: tuple[str, ...] = BACKENDS
+    precisions: tuple[str, ...] | None = None
+    device: str = "auto"
+    frames: tuple[Path, ...] = ()
+    camera_size: tuple[int, int] | None = None
+    encoding: str = "rgb8"
+    cameras: int = 3
+    iterations: int = 20
+    warmup: int = 3
+    e2e_frames: int = 20
+    rate_hz: float | None = None
+    agreement_frames: int | None = None
+    outputs: tuple[str, ...] = OUTPUT_KINDS
+    skip_ros: bool = False
+    cache_dir: str | None = None
+    domain_id: int | None = None
+    timeout_s: float = 600.0
+    work_dir: Path | None = None
+    note: str = ""
+    command: str = field(default_factory=lambda: " ".join(["uncertain-seg", *sys.argv[1:]]))
+
+    def resolved_device(self) -> str:
+        return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+
+    def resolved_precisions(self) -> tuple[str, ...]:
+        if self.precisions:
+            return self.precisions
+        return ("fp32", "fp16", "bf16") if self.resolved_device().startswith("cuda") else ("fp32",)
+
+
+def random_bundle(spec: str, folder: Path, num_classes: int = 11) -> Path:
+    """A randomly initialised bundle from ``random:<backbone>@<W>x<H>`` (e.g. ``random:dinov2_vits14@644x476``).
+
+    For timing only: the official weights cannot be assumed present, and speed does not depend on them.
+    """
+    try:
+        name, size = spec.removeprefix(RANDOM_PREFIX).split("@")
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError as exc:
+        raise ValueError(f"model {spec!r}: expected random:<backbone>@<W>x<H>, e.g. random:dinov2_vits14@644x476") from exc
+    torch.manual_seed(0)
+    model_cfg = SegmenterConfig(num_classes, backbone_config(name))
+    classes = [ClassInfo(i, f"class{i}", ((37 * i) % 256, (91 * i + 64) % 256, (151 * i + 128) % 256)) for i in range(num_classes)]
+    cfg = BundleConfig(name=f"{name} (random weights)", model=model_cfg, classes=classes, input=InputSpec(height, width),
+                       backbone_name=name, provenance={"weights": "random, for timing only"})
+    return save_bundle(folder / "bundle", UncertainSegmenter(model_cfg), cfg)
+
+
+def load_frames(folders: tuple[Path, ...], camera_size: tuple[int, int] | None) -> list[np.ndarray]:
+    """RGB frames of every image in ``folders``, resized to ``camera_size`` (W, H) when given."""
+    frames = [read_rgb(p) for folder in folders for p in list_images(folder)]
+    if camera_size:
+        frames = [cv2.resize(f, camera_size, interpolation=cv2.INTER_AREA if f.shape[1] > camera_size[0] else cv2.INTER_LINEAR)
+                  for f in frames]
+    return frames
+
+
+def environment() -> dict:
+    """What the figures depend on besides the model: versions, CPU/GPU, threads, background load, DDS."""
+    env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    try:
+        import onnxruntime
+
+        env["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    for var in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "RMW_IMPLEMENTATION", "FASTDDS_BUILTIN_TRANSPORTS"):
+        env[var] = os.environ.get(var)
+    return env
+
+
+class RosBench:
+    """This process's side of the ROS measurements: an isolated graph, a node spun in the background."""
+
+    def __init__(self, domain_id: int | None) -> None:
+        import rclpy
+        from rclpy.executors import MultiThreadedExecutor
+
+        from .demo import isolate_graph
+
+        self.domain = isolate_graph(domain_id)
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context, domain_id=self.domain)
+        self.node = rclpy.create_node("uncertain_seg_benchmark", context=self.context)
+        self.executor = MultiThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self._thread.start()
+        self._runs = 0
+
+    def close(self) -> None:
+        import rclpy
+
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+    def stages(self, kinds: tuple[str, ...], labels_encoding: str) -> list:
+        """Message conversion and publishing of every output of every frame, as the node does them.
+
+        The publishers have subscribers in this process (raw, not deserialised), so publishing does the
+        full serialisation and hand-over to DDS; the transport to another process is in the e2e figure.
+        """
+        from std_msgs.msg import Header
+        from sensor_msgs.msg import Image
+
+        from .camera_stream import OUTPUT_ENCODINGS
+        from .conversions import array_to_message
+        from .qos import qos_profile
+
+        encodings = {**OUTPUT_ENCODINGS, "labels": labels_encoding}
+        self._runs += 1
+        topics = {k: f"/uncertain_seg_benchmark/run{self._runs}/{k}" for k in kinds}
+        pubs = {k: self.node.create_publisher(Image, t, qos_profile("reliable", 10)) for k, t in topics.items()}
+        for t in topics.values():
+            self.node.create_subscription(Image, t, lambda _: None, qos_profile("reliable", 10), raw=True)
+        deadline = time.monotonic() + 30
+        while not all(p.get_subscription_count() for p in pubs.values()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        header = Header(frame_id="camera")
+
+        def convert(outputs):
+            return [(k, array_to_message(getattr(o, k), encodings[k], header)) for o in outputs for k in kinds]
+
+        def publish(messages):
+            for kind, msg in messages:
+                pubs[kind].publish(msg)
+
+        return [("convert", convert), ("publish", publish)]
+
+    def graph(self, model: Path, backend: str, precision: str, device: str, cameras: int,
+              payloads: list[CameraPayload], cfg: BenchmarkConfig, log_path: Path) -> dict:
+        """perception_node in its own process on ``cameras`` topics: latency at a paced rate, then throughput."""
+        import rclpy
+
+        from .demo import ServingMonitor, start_node, stop_node
+        from .graph_latency import GraphProbe, payload_message
+
+        self._runs += 1
+        topics = [f"/bench{self._runs}/cam{c}/image_raw" for c in range(cameras)]
+        compressed = payloads[0].compressed
+        params = {"model": str(model), "backend": backend, "precision": precision, "device": device,
+                  "camera_topics": f"[{','.join(topics)}]", "transport": "compressed" if compressed else "raw",
+                  "input_qos": "reliable", "input_depth": "2", "outputs": f"[{','.join(cfg.outputs)}]",
+                  "diagnostics_period": "0.25", "engine_cache": str(cfg.cache_dir or default_cache_dir())}
+        proc = start_node(params, log_path)
+        node = rclpy.create_node(f"uncertain_seg_benchmark_probe{self._runs}", context=self.context)
+        self.executor.add_node(node)
+        try:
+            probe = GraphProbe(node, topics, cfg.outputs, compressed)
+            monitor = ServingMonitor(node)
+            deadline = time.monotonic() + cfg.timeout_s
+            while not (probe.connected() and all(monitor.serving(t, cfg.outputs) for t in topics)):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"perception_node exited with code {proc.returncode}: {_tail(log_path)}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"perception_node not serving after {cfg.timeout_s:.0f} s: {_tail(log_path)}")
+                time.sleep(0.05)
+            frames = [[payload_message(payloads[(r * cameras + c) % len(payloads)]) for r in range(cfg.e2e_frames)]
+                      for c in range(cameras)]
+            warm = probe.round_trip(frames, max(3, cfg.warmup), timeout=cfg.timeout_s)
+            single = float(np.median(warm.latencies[cameras:] or warm.latencies))
+            wait = max(30.0, 20 * single)
+            rate = cfg.rate_hz or 0.5 / single
+            paced = probe.paced(frames, cfg.e2e_frames, rate, timeout=wait)
+            flood = probe.paced(frames, cfg.e2e_frames, FLOOD_FACTOR / single, timeout=wait)
+            return {"latency": summarize(paced.latencies), "rate_hz": rate, "sent": paced.sent, "answered": paced.answered,
+                    "lost": paced.lost, "throughput_fps": flood.fps,
+                    "throughput_run": {"rate_hz": FLOOD_FACTOR / single, "sent": flood.sent, "answered": flood.answered,
+                                       "lost": flood.lost, "duration_s": flood.duration_s,
+                                       "latency": summarize(flood.latencies)}}
+        finally:
+            self.executor.remove_node(node)
+            node.destroy_node()
+            stop_node(proc)
+
+
+def _tail(path: Path, n: int = 1500) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return f"(no log at {path})"
+
+
+def _predictor(bundle, backend: str, precision: str, device: str, batch: int, cfg: BenchmarkConfig):
+    """A Predictor as the node builds it for ``batch`` cameras, or the reason it cannot run."""
+    try:
+        return Predictor(bundle, PredictorOptions(device, precision, backend=backend, max_batch=batch,
+                                                  cache_dir=cfg.cache_dir)), None
+    except (BackendUnavailable, ValueError, ImportError) as exc:
+        return None, str(exc)
+
+
+def run_benchmark(cfg: BenchmarkConfig) -> dict:
+    """Measure every requested backend x precision at batch 1 and ``cfg.cameras``; the results as a dict."""
+    device = cfg.resolved_device()
+    precisions = cfg.resolved_precisions()
+    batches = sorted({1, cfg.cameras})
+    availability = available_backends(device)
+    with tempfile.TemporaryDirectory(prefix="uncertain_seg_benchmark_") as tmp:
+        model_path = random_bundle(cfg.model, Path(tmp)) if cfg.model.startswith(RANDOM_PREFIX) else resolve_bundle(cfg.model)
+        work = Path(cfg.work_dir) if cfg.work_dir else Path(tmp)
+        bundle = load_bundle(model_path, device)
+        frames = load_frames(cfg.frames, cfg.camera_size)
+        payloads = [CameraPayload.from_rgb(f, cfg.encoding) for f in frames]
+        env = environment()
+        log.info("measuring the device's peak (GEMM, copy) on %s", device)
+        peak = measure_peak(device, precisions)
+        input_hw = (bundle.config.input.height, bundle.config.input.width)
+        network = DeployedNetwork(bundle.model, *input_hw)
+        costs = {(p, b): network_cost(network, b, p) for p in precisions for b in batches}
+        check = frames[: cfg.agreement_frames] if cfg.agreement_frames else frames
+        reference_predictor = Predictor(bundle, PredictorOptions(device, "fp32", backend="torch"))
+        reference = reference_outputs(reference_predictor, check, 1, desc="reference: torch fp32")
+        del reference_predictor
+        ros = None if cfg.skip_ros else RosBench(cfg.domain_id)
+        rows, skipped = [], []
+        try:
+            for backend in cfg.backends:
+                if availability.get(backend):
+                    skipped.append({"backend": backend, "precision": "*", "reason": availability[backend]})
+                    continue
+                for precision in precisions:
+                    for batch in batches:
+                        row = _measure(bundle, model_path, backend, precision, device, batch, payloads, check, reference,
+                                       ros, cfg, work)
+                        if "reason" in row:
+                            skipped.append(row)
+                            break
+                        cost = costs[(precision, batch)]
+                        row.update(cost={"flops": cost.flops, "bytes": cost.bytes, "weight_bytes": cost.weight_bytes},
+                                   floor=floor_seconds(cost, peak, precision))
+                        rows.append(row)
+        finally:
+            if ros is not None:
+                ros.close()
+        _relative_to_eager(rows)
+        model = {"spec": cfg.model, "name": bundle.config.name, "backbone": bundle.config.backbone_name,
+                 "parameters": sum(p.numel() for p in bundle.model.parameters()), "input_hw": list(input_hw),
+                 "model_id": bundle.model_id, "random_weights": cfg.model.startswith(RANDOM_PREFIX)}
+    return {
+        "command": cfg.command, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "note": cfg.note,
+        "device": device, "environment": env, "device_peak": peak.to_dict(), "model": model,
+        "frames": {"folders": [str(f) for f in cfg.frames], "count": len(frames), "camera_hw": list(frames[0].shape[:2]),
+                   "encoding": cfg.encoding, "agreement_frames": len(check)},
+        "outputs": list(cfg.outputs), "cameras": cfg.cameras, "iterations": cfg.iterations, "warmup": cfg.warmup,
+        "e2e_frames": None if cfg.skip_ros else cfg.e2e_frames,
+        "backends_available": availability, "skipped": skipped, "rows": rows,
+    }
+
+
+def _measure(bundle, model_path: Path, backend: str, precision: str, device: str, batch: int, payloads, check, reference,
+             ros: RosBench | None, cfg: BenchmarkConfig, work: Path) -> dict:
+    """One row: stage timings, agreement (at the largest batch), and the node end to end."""
+    label = f"{backend} {precision} x{batch}"
+    log.info("%s: building the predictor", label)
+    predictor, reason = _predictor(bundle, backend, precision, device, batch, cfg)
+    if predictor is None:
+        log.warning("%s: skipped: %s", label, reason)
+        return {"backend": backend, "precision": precision, "reason": reason}
+    stages = predictor_stages(predictor, set(cfg.outputs))
+    if ros is not None:
+        stages += ros.stages(cfg.outputs, "mono8" if predictor.label_dtype == np.uint8 else "mono16")
+    rounds = [[payloads[(i * batch + j) % len(payloads)] for j in range(batch)] for i in range(cfg.warmup + cfg.iterations)]
+    samples = time_stages(stages, rounds, device, cfg.warmup, desc=f"{label}: stages")
+    row = {"backend": backend, "precision": precision, "batch": batch, "describe": predictor.backend.describe(),
+           "stages": {name: summarize(s) for name, s in samples.items() if name != "total"},
+           "pipeline": summarize(samples["total"])}
+    row["pipeline_fps"] = batch * 1e3 / row["pipeline"]["median_ms"]
+    if batch == max(1, cfg.cameras):
+        outputs = reference_outputs(predictor, check, batch, desc=f"{label}: agreement")
+        row["agreement"] = agreement(reference, outputs)
+    del predictor
+    if ros is not None:
+        log.info("%s: perception_node end to end", label)
+        log_path = work / f"node_{backend}_{precision}_x{batch}.log"
+        try:
+            row["e2e"] = ros.graph(model_path, backend, precision, device, batch, payloads, cfg, log_path)
+        except (RuntimeError, TimeoutError) as exc:
+            log.error("%s: end-to-end run failed: %s", label, exc)
+            row["e2e"] = {"error": str(exc)}
+    return row
+
+
+def _relative_to_eager(rows: list[dict]) -> None:
+    """Speed-up of each row's inference and end-to-end latency over torch fp32 eager at the same batch."""
+    eager = {r["batch"]: r for r in rows if r["backend"] == "torch" and r["precision"] == "fp32"}
+    for r in rows:
+        base = eager.get(r["batch"])
+        infer = r["stages"]["inference"]["median_ms"]
+        r["speedup_vs_torch_fp32"] = {"inference": base["stages"]["inference"]["median_ms"] / infer if base else None,
+                                      "pipeline": base["pipeline"]["median_ms"] / r["pipeline"]["median_ms"] if base else None}
+        e2e = r.get("e2e", {}).get("latency", {}).get("median_ms")
+        r["e2e_over_inference"] = e2e / infer if e2e else None
