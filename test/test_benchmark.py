@@ -1,0 +1,194 @@
+"""``uncertain-seg benchmark`` and its parts: stage profiler, FLOP count, roofline floor, agreement,
+results files, unavailable backends, and the command with and without a real ROS 2 graph.
+
+Small and fast: a tiny random model, a few real CamVid sample frames shrunk, few iterations. No
+timing assertions: speed claims belong in the benchmark's results, not in unit tests."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import REPO, tiny_model_config
+from uncertain_seg_ros.bundle import load_bundle
+from uncertain_seg_ros.inference import OUTPUT_KINDS, FrameOutputs, Predictor, PredictorOptions
+from uncertain_seg_ros.inference.network import DeployedNetwork
+from uncertain_seg_ros.inference.profiling import STAGES, CameraPayload, agreement, predictor_stages, summarize, time_stages
+from uncertain_seg_ros.inference.roofline import DevicePeak, count_flops, floor_seconds, measure_peak, network_cost
+from uncertain_seg_ros.model import UncertainSegmenter
+from uncertain_seg_ros.ros.benchmark import BenchmarkConfig, run_benchmark
+from uncertain_seg_ros.ros.benchmark_report import SCHEMA, markdown, table
+from uncertain_seg_training.cli import main as cli_main
+
+SAMPLES = REPO / "samples" / "camvid_dusk" / "images"
+
+
+def _frames(n: int = 3) -> list[np.ndarray]:
+    import cv2
+
+    paths = sorted(SAMPLES.iterdir())[:n]
+    return [cv2.resize(cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB), (96, 72)) for p in paths]
+
+
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "jpeg"])
+def test_payload_decodes_like_the_node(encoding):
+    rgb = _frames(1)[0]
+    decoded = CameraPayload.from_rgb(rgb, encoding).decode()
+    assert decoded.shape == rgb.shape and decoded.dtype == np.uint8
+    if encoding == "jpeg":
+        assert np.abs(decoded.astype(int) - rgb).mean() < 8
+    else:
+        assert np.array_equal(decoded, rgb)
+
+
+def test_profiler_times_every_stage(tiny_bundle):
+    predictor = Predictor(load_bundle(tiny_bundle), PredictorOptions(max_batch=2))
+    payloads = [CameraPayload.from_rgb(f, "rgb8") for f in _frames(3)]
+    rounds = [[payloads[i % 3], payloads[(i + 1) % 3]] for i in range(5)]
+    extra = []
+    stages = predictor_stages(predictor, set(OUTPUT_KINDS)) + [("count", lambda outs: extra.append(outs) or outs)]
+    samples = time_stages(stages, rounds, "cpu", warmup=2)
+    assert set(samples) == {*STAGES, "count", "total"}
+    assert all(len(v) == 3 for v in samples.values())
+    assert all(0 < s < 60 for v in samples.values() for s in v)
+    assert samples["total"] == pytest.approx([sum(samples[k][i] for k in (*STAGES, "count")) for i in range(3)])
+    outs = extra[-1]
+    assert len(outs) == 2 and all(o.overlay.shape == (72, 96, 3) and o.labels.shape == (72, 96) for o in outs)
+    s = summarize(samples["inference"])
+    assert s["n"] == 3 and 0 < s["min_ms"] <= s["median_ms"] <= s["p95_ms"]
+
+
+def test_flops_equal_a_hand_count():
+    """Linear layers: 2*M*N*K; the tiny network: patch embedding, blocks (with attention, which
+    PyTorch's counter misses on the CPU unless taught) and both heads, counted by hand."""
+    mlp = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    assert count_flops(mlp, torch.randn(5, 32)) == 2 * 5 * 64 * 32 + 2 * 5 * 8 * 64
+
+    net = DeployedNetwork(UncertainSegmenter(tiny_model_config()), 56, 70)
+    d, depth, patches, heads_in, classes, hidden = 48, 2, 4 * 5, 2 * 48, 3, 16
+    tokens = patches + 1
+    block = 2 * tokens * d * 3 * d + 4 * tokens * tokens * d + 2 * tokens * d * d + 2 * 2 * tokens * d * 4 * d
+    hand = (2 * patches * d * 3 * 14 * 14 + depth * block + 2 * patches * heads_in * classes
+            + 2 * patches * (heads_in * hidden + hidden * hidden + hidden))
+    assert count_flops(net, net.example(1)) == hand
+    cost = network_cost(net, batch=3)
+    assert cost.flops == 3 * hand
+    assert cost.input_bytes == 3 * 3 * 56 * 70 * 4 and cost.output_bytes == 3 * (classes + 1) * patches * 4
+    assert cost.weight_bytes == 4 * sum(p.numel() for p in net.parameters())
+    assert network_cost(net, 1, "bf16").weight_bytes == cost.weight_bytes // 2
+
+
+def test_floor_is_the_binding_limit():
+    net = DeployedNetwork(UncertainSegmenter(tiny_model_config()), 56, 70)
+    cost = network_cost(net)
+    compute_bound = DevicePeak("cpu", {"fp32": 1e6}, 1e15, 64, 1)
+    memory_bound = DevicePeak("cpu", {"fp32": 1e18}, 1e3, 64, 1)
+    f = floor_seconds(cost, compute_bound, "fp32")
+    assert f["bound"] == "compute" and f["floor_s"] == pytest.approx(cost.flops / 1e6)
+    f = floor_seconds(cost, memory_bound, "bf16")  # no bf16 peak measured: the fp32 one is used
+    assert f["bound"] == "memory" and f["floor_s"] == pytest.approx(cost.bytes / 1e3)
+    peak = measure_peak("cpu", ("fp32", "fp16"), gemm_size=64, copy_mib=1, repeats=1)
+    assert set(peak.flops_per_s) == {"fp32"} and peak.flops_per_s["fp32"] > 0 and peak.bytes_per_s > 0
+
+
+def test_agreement_counts_pixels():
+    ref = [FrameOutputs(labels=np.zeros((4, 5), np.uint8), uncertainty=np.zeros((4, 5), np.float32))] * 2
+    other = FrameOutputs(labels=np.zeros((4, 5), np.uint8), uncertainty=np.full((4, 5), 0.25, np.float32))
+    other.labels[0, :2] = 1
+    a = agreement(ref, [ref[0], other])
+    assert a["label_agreement"] == pytest.approx(38 / 40) and a["worst_frame"] == pytest.approx(18 / 20)
+    assert a["max_uncertainty_diff"] == pytest.approx(0.25) and a["frames"] == 2
+    with pytest.raises(ValueError):
+        agreement(ref, ref[:1])
+
+
+def _frames_folder(tmp_path: Path) -> Path:
+    import cv2
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, f in enumerate(_frames(3)):
+        cv2.imwrite(str(folder / f"f{i}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    return folder
+
+
+def test_unavailable_backends_and_precisions_are_reported_with_reasons(tiny_bundle, tmp_path):
+    cfg = BenchmarkConfig(model=str(tiny_bundle), backends=("torch", "tensorrt"), precisions=("fp32", "fp16"),
+                          device="cpu", frames=(_frames_folder(tmp_path),), cameras=2, iterations=2, warmup=1,
+                          skip_ros=True, cache_dir=str(tmp_path / "cache"), command="test")
+    run = run_benchmark(cfg)
+    reasons = {(s["backend"], s["precision"]): s["reason"] for s in run["skipped"]}
+    assert "NVIDIA" in reasons[("tensorrt", "*")]
+    assert "CUDA" in reasons[("torch", "fp16")]
+    assert [(r["backend"], r["precision"], r["batch"]) for r in run["rows"]] == [("torch", "fp32", 1), ("torch", "fp32", 2)]
+    assert run["backends_available"]["torch"] is None and run["backends_available"]["tensorrt"]
+    text = table(run)
+    assert "not run: tensorrt" in text and "not run: torch fp16" in text
+
+
+def _check_run(run: dict, stages: tuple[str, ...]) -> None:
+    for key in ("command", "device", "environment", "device_peak", "model", "frames", "rows", "skipped", "backends_available"):
+        assert key in run, key
+    assert run["device_peak"]["flops_per_s"]["fp32"] > 0 and run["device_peak"]["bytes_per_s"] > 0
+    for row in run["rows"]:
+        assert set(row["stages"]) == set(stages)
+        for s in row["stages"].values():
+            assert s["n"] > 0 and math.isfinite(s["median_ms"]) and s["p95_ms"] >= s["median_ms"] > 0
+        assert row["cost"]["flops"] > 0 and row["floor"]["floor_s"] > 0 and row["pipeline_fps"] > 0
+        assert row["speedup_vs_torch_fp32"]["inference"] > 0
+    for row in [r for r in run["rows"] if r["batch"] == run["cameras"]]:
+        assert row["agreement"]["label_agreement"] >= 0.99 and row["agreement"]["frames"] == run["frames"]["count"]
+
+
+def test_cli_without_ros_writes_json_markdown_and_chart(tiny_bundle, tmp_path, capsys):
+    """torch and ONNX Runtime measured in one run, tensorrt listed as unavailable; --append adds a run."""
+    out = tmp_path / "results"
+    args = ["benchmark", "--model", str(tiny_bundle), "--device", "cpu", "--backends", "torch", "onnxruntime", "tensorrt",
+            "--frames", str(SAMPLES), "--camera-size", "96x72", "--cameras", "2", "--iterations", "2", "--warmup", "1",
+            "--skip-ros", "--json", str(out / "r.json"), "--markdown", str(out / "r.md"), "--chart", str(out / "r.png"),
+            "--cache", str(tmp_path / "cache")]
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "onnxruntime" in printed and "not run: tensorrt" in printed and "Floor:" in printed
+    doc = json.loads((out / "r.json").read_text())
+    assert doc["schema"] == SCHEMA and len(doc["runs"]) == 1
+    run = doc["runs"][0]
+    _check_run(run, STAGES)
+    assert {(r["backend"], r["batch"]) for r in run["rows"]} == {("torch", 1), ("torch", 2), ("onnxruntime", 1), ("onnxruntime", 2)}
+    assert run["frames"]["camera_hw"] == [72, 96] and run["frames"]["count"] == 5
+    report = (out / "r.md").read_text()
+    assert "| onnxruntime | fp32 | 2 |" in report and "ONNX Runtime >= 1.8x" in report and "No GPU" in report
+    assert (out / "r.png").stat().st_size > 1000
+    assert cli_main([*args, "--backends", "torch", "--cameras", "1", "--append"]) == 0
+    doc = json.loads((out / "r.json").read_text())
+    assert len(doc["runs"]) == 2 and markdown(doc).count("\n## ") == 3  # two runs and the GPU note
+
+
+def test_cli_through_a_real_ros_graph(tiny_bundle, tmp_path):
+    """The node in its own process on two cameras: every row has convert/publish stages and an
+    end-to-end latency and throughput; every frame is answered or (newest frame wins) accounted lost."""
+    out = tmp_path / "r.json"
+    cli = Path(sys.executable).parent / "uncertain-seg"
+    proc = subprocess.run(
+        [str(cli), "benchmark", "--model", str(tiny_bundle), "--device", "cpu", "--backends", "torch", "--frames",
+         str(SAMPLES), "--camera-size", "96x72", "--cameras", "2", "--iterations", "2", "--warmup", "1",
+         "--e2e-frames", "3", "--json", str(out), "--work", str(tmp_path / "logs")],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1", ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST"))
+    logs = "".join(p.read_text()[-2000:] for p in (tmp_path / "logs").glob("*.log"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs
+    run = json.loads(out.read_text())["runs"][0]
+    _check_run(run, (*STAGES, "convert", "publish"))
+    assert [r["batch"] for r in run["rows"]] == [1, 2]
+    for row in run["rows"]:
+        e2e = row["e2e"]
+        assert "error" not in e2e, e2e
+        assert e2e["sent"] == 3 * row["batch"] and e2e["answered"] + e2e["lost"] == e2e["sent"] and e2e["answered"] > 0
+        assert e2e["latency"]["n"] == e2e["answered"] and e2e["latency"]["median_ms"] > 0
+        assert e2e["throughput_fps"] > 0 and row["e2e_over_inference"] > 0
