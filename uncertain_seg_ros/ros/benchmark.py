@@ -155,6 +155,7 @@ class RosBench:
         self._thread = threading.Thread(target=self.executor.spin, daemon=True)
         self._thread.start()
         self._runs = 0
+        self._sinks: dict = {}
 
     def close(self) -> None:
         import rclpy
@@ -177,13 +178,12 @@ class RosBench:
         from .qos import qos_profile
 
         encodings = {**OUTPUT_ENCODINGS, "labels": labels_encoding}
-        self._runs += 1
-        topics = {k: f"/uncertain_seg_benchmark/run{self._runs}/{k}" for k in kinds}
-        pubs = {k: self.node.create_publisher(Image, t, qos_profile("reliable", 10)) for k, t in topics.items()}
-        for t in topics.values():
-            self.node.create_subscription(Image, t, lambda _: None, qos_profile("reliable", 10), raw=True)
+        for kind in set(kinds) - set(self._sinks):
+            topic = f"/uncertain_seg_benchmark/{kind}"
+            self._sinks[kind] = self.node.create_publisher(Image, topic, qos_profile("reliable", 10))
+            self.node.create_subscription(Image, topic, lambda _: None, qos_profile("reliable", 10), raw=True)
         deadline = time.monotonic() + 30
-        while not all(p.get_subscription_count() for p in pubs.values()) and time.monotonic() < deadline:
+        while not all(self._sinks[k].get_subscription_count() for k in kinds) and time.monotonic() < deadline:
             time.sleep(0.01)
         header = Header(frame_id="camera")
 
@@ -192,7 +192,7 @@ class RosBench:
 
         def publish(messages):
             for kind, msg in messages:
-                pubs[kind].publish(msg)
+                self._sinks[kind].publish(msg)
 
         return [("convert", convert), ("publish", publish)]
 
@@ -224,7 +224,8 @@ class RosBench:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"perception_node not serving after {cfg.timeout_s:.0f} s: {_tail(log_path)}")
                 time.sleep(0.05)
-            frames = [[payload_message(payloads[(r * cameras + c) % len(payloads)]) for r in range(cfg.e2e_frames)]
+            per_camera = min(cfg.e2e_frames, max(1, len(payloads) // cameras))
+            frames = [[payload_message(payloads[(r * cameras + c) % len(payloads)]) for r in range(per_camera)]
                       for c in range(cameras)]
             warm = probe.round_trip(frames, max(3, cfg.warmup), timeout=cfg.timeout_s)
             single = float(np.median(warm.latencies[cameras:] or warm.latencies))

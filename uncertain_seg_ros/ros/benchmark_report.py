@@ -5,6 +5,7 @@ different options, or on another machine, can be appended to one report. Every f
 report comes from the JSON; the targets of the project's issue are checked against it.
 """
 import json
+import os
 from pathlib import Path
 
 from ..atomic_io import atomic_write_text
@@ -130,8 +131,8 @@ def _floor_line(run: dict) -> str:
             f"{per_frame}")
 
 
-def markdown(doc: dict) -> str:
-    """The Markdown report of every run in ``doc``."""
+def markdown(doc: dict, chart_link: str | None = None) -> str:
+    """The Markdown report of every run in ``doc``; ``chart_link``: the chart's path relative to the report."""
     out = ["# Inference benchmark", "",
            "Produced by `uncertain-seg benchmark` ([../README.md](../README.md) says how to run it). Times in ms, "
            "median (p95). Stage columns: wall time of the node's path for one round of frames (one per camera) in the "
@@ -149,6 +150,8 @@ def markdown(doc: dict) -> str:
            "inference speed-up over PyTorch fp32 eager at the same batch, in the same run", ""]
     for run in doc["runs"]:
         out += _run_markdown(run)
+    if chart_link:
+        out += [f"![median stage times per configuration; ticks: end-to-end median through the node]({chart_link})", ""]
     if not any(r["device"].startswith("cuda") for r in doc["runs"]):
         out += ["## GPU", "", "No GPU was available for these runs; the GPU targets are not measured here. "
                 "The commands for a GPU machine are in [../README.md](../README.md).", ""]
@@ -195,16 +198,14 @@ def _run_markdown(run: dict) -> list[str]:
 def chart(doc: dict, path: Path) -> Path | None:
     """Stacked bars of the median stage times per row, one panel per run; None without matplotlib."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib import colormaps
+        from matplotlib.figure import Figure
     except ImportError:
         return None
     runs = doc["runs"]
-    fig, axes = plt.subplots(len(runs), 1, figsize=(9, 1.2 + 0.45 * sum(len(r["rows"]) for r in runs) + 0.8 * len(runs)),
-                             squeeze=False)
-    colours = dict(zip(ALL_STAGES, plt.get_cmap("tab10").colors))
+    fig = Figure(figsize=(9, 1.2 + 0.45 * sum(len(r["rows"]) for r in runs) + 0.8 * len(runs)))
+    axes = fig.subplots(len(runs), 1, squeeze=False)
+    colours = dict(zip(ALL_STAGES, colormaps["tab10"].colors))
     for ax, run in zip(axes[:, 0], runs):
         names = [f"{r['backend']} {r['precision']} x{r['batch']}" for r in run["rows"]]
         left = [0.0] * len(names)
@@ -220,11 +221,11 @@ def chart(doc: dict, path: Path) -> Path | None:
         ax.set_title(f"{m['backbone']} at {m['input_hw'][1]}x{m['input_hw'][0]} on {run['device']}", fontsize=10)
         ax.set_xlabel("ms per round (median)")
         ax.invert_yaxis()
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return Path(path)
 
 
 def write_results(run: dict, json_path: Path | None, markdown_path: Path | None, chart_path: Path | None,
@@ -239,9 +240,10 @@ def write_results(run: dict, json_path: Path | None, markdown_path: Path | None,
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(json_path), json.dumps(doc, indent=2) + "\n")
+    link = None
+    if chart_path and chart(doc, Path(chart_path)):
+        link = os.path.relpath(chart_path, Path(markdown_path).parent) if markdown_path else None
     if markdown_path:
         Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(markdown_path), markdown(doc))
-    if chart_path:
-        chart(doc, Path(chart_path))
+        atomic_write_text(Path(markdown_path), markdown(doc, link))
     return doc
