@@ -125,19 +125,19 @@ def test_adapt_torchrun_two_processes(source_bundle, labelled_folder, target_bag
 
 
 def test_adapt_and_calibrate_cli_on_the_dusk_rosbag2(tmp_path):
-    """The user's path on real data: the shipped demo bundle adapted from a rosbag2 of CamVid dusk frames
+    """The user's path on real data: the shipped day model adapted from a rosbag2 of CamVid dusk frames
     (samples/camvid_dusk_bag, written by `uncertain-seg bag write`), then calibrated on labelled dusk
     frames, all through the command line; the result loads with its selector and provenance."""
     from conftest import REPO
 
     bag, labelled = REPO / "samples" / "camvid_dusk_bag", REPO / "samples" / "camvid_dusk"
     adapted = tmp_path / "adapt"
-    assert cli_main(["adapt", "--bundle", "camvid_demo", "--data", str(labelled), "--target-bags", str(bag),
+    assert cli_main(["adapt", "--bundle", "camvid_day", "--data", str(labelled), "--target-bags", str(bag),
                      "--target-topic", "/camera/image_raw", "--dedupe", "0", "--method", "both", "--steps", "2", "--device", "cpu",
                      "--out", str(adapted), *TINY]) == 0
     prov = load_bundle(adapted / "bundle").config.provenance
     assert prov["target"]["bags"] == [str(bag)] and prov["target"]["frames"] == 5
-    assert prov["input_bundle"]["model_id"] == load_bundle(REPO / "models" / "camvid_demo").model_id
+    assert prov["input_bundle"]["model_id"] == load_bundle(REPO / "models" / "camvid_day").model_id
     calibrated = tmp_path / "site_model"
     assert cli_main(["calibrate", "--bundle", str(adapted / "bundle"), "--data", str(labelled), "--out", str(calibrated),
                      "--method", "selective", "--device", "cpu", "--pixels-per-frame", "2000", "--selector-steps", "50"]) == 0

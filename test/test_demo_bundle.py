@@ -1,4 +1,5 @@
-"""The shipped demo bundle: loads, stays small, and its committed report figures are reproduced."""
+"""The shipped bundles: camvid_day (supervised on day/train) and camvid_demo (camvid_day adapted to dusk
+and calibrated, the node's default): they load, stay small, and their committed report figures are reproduced."""
 import json
 
 import pytest
@@ -10,20 +11,29 @@ from uncertain_seg_training.evaluate import evaluate
 from conftest import CAMVID, REPO
 
 DEMO = REPO / "models" / "camvid_demo"
-REPORTS = REPO / "models" / "reports" / "camvid_demo"
+DAY = REPO / "models" / "camvid_day"
 needs_camvid = pytest.mark.skipif(
     not (CAMVID / "day" / "test").is_dir(),
     reason=f"CamVid data not found at {CAMVID} (set UNCERTAIN_SEG_CAMVID to the camvid folder)",
 )
 
 
-def test_demo_bundle_loads_and_is_small():
-    bundle = load_bundle(DEMO)
-    size = sum(f.stat().st_size for f in DEMO.iterdir())
+@pytest.mark.parametrize("path", [DEMO, DAY], ids=["camvid_demo", "camvid_day"])
+def test_shipped_bundles_load_and_are_small(path):
+    bundle = load_bundle(path)
+    size = sum(f.stat().st_size for f in path.iterdir())
     assert size <= 25 * 1024 * 1024
     assert bundle.config.model.num_classes == 11 and bundle.config.ignore_index == 11
-    assert bundle.config.provenance["data"]["train"].endswith("day/train")
-    assert resolve_bundle("camvid_demo") == DEMO
+    assert resolve_bundle(path.name) == path
+
+
+def test_demo_bundle_is_the_day_model_adapted_to_dusk_and_calibrated():
+    day, demo = load_bundle(DAY), load_bundle(DEMO)
+    assert day.config.provenance["data"]["train"].endswith("day/train")
+    prov = demo.config.provenance
+    assert prov["input_bundle"]["model_id"] == day.model_id and prov["stage"] == "adaptation (both)"
+    assert prov["source_data"].endswith("day/train") and prov["target"]["frames"] == 62
+    assert demo.config.calibration.method == "selective" and prov["calibration"]["data"].endswith("day/val")
 
 
 def test_demo_on_bundled_samples(tmp_path):
@@ -49,11 +59,13 @@ def _close(actual, expected, path=""):
 
 
 @needs_camvid
+@pytest.mark.parametrize("path", [DEMO, DAY], ids=["camvid_demo", "camvid_day"])
 @pytest.mark.parametrize("split", ["day/test", "dusk/test"])
-def test_demo_report_figures_are_reproduced(split, tmp_path):
+def test_report_figures_are_reproduced(path, split, tmp_path):
     """``uncertain-seg evaluate`` on the CamVid split gives the numbers of the committed report."""
-    committed = json.loads((REPORTS / split.replace("/", "_") / "metrics.json").read_text())
-    metrics = evaluate(DEMO, CAMVID / split, tmp_path, device="cpu", montage_count=0)
+    reports = REPO / "models" / "reports" / path.name
+    committed = json.loads((reports / split.replace("/", "_") / "metrics.json").read_text())
+    metrics = evaluate(path, CAMVID / split, tmp_path, device="cpu", montage_count=0)
     fresh = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["frames"] == committed["frames"]
     for key in ("miou", "pixel_accuracy", "per_class_iou", "uncertainty", "calibration", "mask", "model_id"):

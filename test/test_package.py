@@ -51,7 +51,7 @@ def test_every_data_file_exists():
     files = _setup_namespace()["_data_files"]()
     destinations = {dest for dest, _ in files}
     assert "share/ament_index/resource_index/packages" in destinations
-    assert "share/uncertain_seg_ros/models/camvid_demo" in destinations
+    assert {"share/uncertain_seg_ros/models/camvid_demo", "share/uncertain_seg_ros/models/camvid_day"} <= destinations
     for _, sources in files:
         for src in sources:
             assert (REPO / src).is_file(), src
