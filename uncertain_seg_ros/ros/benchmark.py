@@ -227,10 +227,13 @@ class RosBench:
             per_camera = min(cfg.e2e_frames, max(1, len(payloads) // cameras))
             frames = [[payload_message(payloads[(r * cameras + c) % len(payloads)]) for r in range(per_camera)]
                       for c in range(cameras)]
-            warm = probe.round_trip(frames, max(3, cfg.warmup), timeout=cfg.timeout_s)
-            single = float(np.median(warm.latencies[cameras:] or warm.latencies))
+            probe.first_answer(frames, cfg.timeout_s)
+            rounds = max(3, cfg.warmup)
+            single = probe.round_trip(frames, rounds, timeout=cfg.timeout_s).duration_s / rounds
             wait = max(30.0, 20 * single)
             rate = cfg.rate_hz or 0.5 / single
+            log.info("node answers a round of %d frame(s) in %.1f ms unloaded; latency at %.2f Hz, throughput at %.2f Hz",
+                     cameras, single * 1e3, rate, FLOOD_FACTOR / single)
             paced = probe.paced(frames, cfg.e2e_frames, rate, timeout=wait)
             flood = probe.paced(frames, cfg.e2e_frames, FLOOD_FACTOR / single, timeout=wait)
             return {"latency": summarize(paced.latencies), "rate_hz": rate, "sent": paced.sent, "answered": paced.answered,

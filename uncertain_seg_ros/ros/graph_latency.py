@@ -121,6 +121,23 @@ class GraphProbe:
                 return
             time.sleep(0.001)
 
+    def first_answer(self, frames: list[list], timeout: float, retry_s: float = 2.0) -> float:
+        """Send rounds until one is answered on every camera; returns the seconds that took.
+
+        Seeing the node's subscription from here does not mean the node has matched this publisher
+        yet (discovery completes on each side separately), and a frame sent in between is lost; so a
+        round that stays unanswered is sent again, waiting twice as long each time (first inference
+        can be slow too).
+        """
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            sent = [self.send(t, frames[c][0]) for c, t in enumerate(self.topics)]
+            self._wait(sent, min(retry_s, timeout - (time.monotonic() - start)))
+            if len(self._state(sent)[0]) == len(sent):
+                return time.monotonic() - start
+            retry_s = min(2 * retry_s, 60.0)
+        raise TimeoutError(f"no answer from the node on every camera within {timeout:.0f} s")
+
     def round_trip(self, frames: list[list], rounds: int, timeout: float) -> GraphResult:
         """One round (one frame per camera) in flight at a time. ``frames[c]`` are camera c's messages."""
         keys, start = [], time.perf_counter()
