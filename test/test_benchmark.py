@@ -19,7 +19,8 @@ from conftest import REPO, tiny_model_config
 from uncertain_seg_ros.bundle import load_bundle
 from uncertain_seg_ros.inference import OUTPUT_KINDS, FrameOutputs, Predictor, PredictorOptions
 from uncertain_seg_ros.inference.network import DeployedNetwork
-from uncertain_seg_ros.inference.profiling import STAGES, CameraPayload, agreement, predictor_stages, summarize, time_stages
+from uncertain_seg_ros.inference.profiling import (
+    STAGES, CameraPayload, agreement, predictor_stages, summarize, time_pipelines, time_stages)
 from uncertain_seg_ros.inference.roofline import DevicePeak, count_flops, floor_seconds, measure_peak, network_cost
 from uncertain_seg_ros.model import UncertainSegmenter
 from uncertain_seg_ros.ros.benchmark import BenchmarkConfig, run_benchmark
@@ -62,6 +63,16 @@ def test_profiler_times_every_stage(tiny_bundle):
     assert len(outs) == 2 and all(o.overlay.shape == (72, 96, 3) and o.labels.shape == (72, 96) for o in outs)
     s = summarize(samples["inference"])
     assert s["n"] == 3 and 0 < s["min_ms"] <= s["median_ms"] <= s["p95_ms"]
+
+
+def test_pipelines_take_turns_round_by_round():
+    """Backends are timed interleaved, the order rotating, so drifting background load hits all alike."""
+    calls = []
+    pipelines = {k: [("work", lambda batch, k=k: calls.append((k, batch)))] for k in ("a", "b", "c")}
+    samples = time_pipelines(pipelines, range(4), "cpu", warmup=1)
+    assert calls == [("a", 0), ("b", 0), ("c", 0), ("b", 1), ("c", 1), ("a", 1),
+                     ("c", 2), ("a", 2), ("b", 2), ("a", 3), ("b", 3), ("c", 3)]
+    assert all(len(samples[k]["work"]) == len(samples[k]["total"]) == 3 for k in pipelines)
 
 
 def test_flops_equal_a_hand_count():

@@ -9,7 +9,7 @@ around it, the device synchronised after it, so a GPU's asynchronous work is cha
 that queued it.
 """
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,23 +85,34 @@ def time_stages(stages: Sequence[Stage], batches: Iterable[Any], device: str | t
 
     The first ``warmup`` batches run untimed (allocator, lazy initialisation, caches).
     """
+    return time_pipelines({None: stages}, batches, device, warmup, desc)[None]
+
+
+def time_pipelines(pipelines: Mapping[Hashable, Sequence[Stage]], batches: Iterable[Any], device: str | torch.device,
+                   warmup: int = 2, desc: str | None = None) -> dict[Hashable, dict[str, list[float]]]:
+    """:func:`time_stages` for several pipelines (e.g. backends), interleaved batch by batch.
+
+    Each batch goes through every pipeline before the next batch, the order rotating, so a change
+    in background load during the measurement affects every pipeline alike and their ratios stay
+    fair.
+    """
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    samples: dict[str, list[float]] = {name: [] for name, _ in stages}
-    samples["total"] = []
-    batches = list(batches)
-    for i, batch in enumerate(tqdm(batches, desc=desc, leave=False, disable=desc is None)):
-        value, times = batch, {}
-        sync()
-        for name, fn in stages:
-            start = time.perf_counter()
-            value = fn(value)
+    keys = list(pipelines)
+    samples = {k: {**{name: [] for name, _ in pipelines[k]}, "total": []} for k in keys}
+    for i, batch in enumerate(tqdm(list(batches), desc=desc, leave=False, disable=desc is None)):
+        for key in keys[i % len(keys):] + keys[: i % len(keys)]:
+            value, times = batch, {}
             sync()
-            times[name] = time.perf_counter() - start
-        if i >= warmup:
-            for name, seconds in times.items():
-                samples[name].append(seconds)
-            samples["total"].append(sum(times.values()))
+            for name, fn in pipelines[key]:
+                start = time.perf_counter()
+                value = fn(value)
+                sync()
+                times[name] = time.perf_counter() - start
+            if i >= warmup:
+                for name, seconds in times.items():
+                    samples[key][name].append(seconds)
+                samples[key]["total"].append(sum(times.values()))
     return samples
 
 

@@ -5,7 +5,8 @@ batch N (N cameras, which the node batches into one network call):
 
 1. In this process, the node's path for one round of frames, stage by stage: decode (message
    payload -> RGB), preprocess, inference, postprocess (the core's Predictor), message conversion
-   and publishing (rclpy, to a subscriber in this process).
+   and publishing (rclpy, to a subscriber in this process). The backends take turns round by
+   round, so background load that comes and goes during the run weighs on all of them alike.
 2. Through a real ROS 2 graph: perception_node in its own process with the same backend and
    precision, frames published to it and its outputs received here (see :mod:`.graph_latency`):
    latency at half the node's capacity, throughput with frames coming at three times it.
@@ -46,7 +47,7 @@ from ..inference.profiling import (
     predictor_stages,
     reference_outputs,
     summarize,
-    time_stages,
+    time_pipelines,
 )
 from ..inference.roofline import floor_seconds, measure_peak, network_cost
 from ..model import SegmenterConfig, UncertainSegmenter, backbone_config
@@ -286,23 +287,20 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         reference = reference_outputs(reference_predictor, check, 1, desc="reference: torch fp32")
         del reference_predictor
         ros = None if cfg.skip_ros else RosBench(cfg.domain_id)
-        rows, skipped = [], []
+        skipped = [{"backend": b, "precision": "*", "reason": availability[b]} for b in cfg.backends if availability.get(b)]
+        runnable = [(b, p) for b in cfg.backends if not availability.get(b) for p in precisions]
+        rows = []
         try:
-            for backend in cfg.backends:
-                if availability.get(backend):
-                    skipped.append({"backend": backend, "precision": "*", "reason": availability[backend]})
-                    continue
-                for precision in precisions:
-                    for batch in batches:
-                        row = _measure(bundle, model_path, backend, precision, device, batch, payloads, check, reference,
-                                       ros, cfg, work)
-                        if "reason" in row:
-                            skipped.append(row)
-                            break
-                        cost = costs[(precision, batch)]
-                        row.update(cost={"flops": cost.flops, "bytes": cost.bytes, "weight_bytes": cost.weight_bytes},
-                                   floor=floor_seconds(cost, peak, precision))
-                        rows.append(row)
+            for batch in batches:
+                new = _measure_batch(bundle, runnable, device, batch, payloads, check, reference, ros, cfg, skipped)
+                for row in new:
+                    cost = costs[(row["precision"], batch)]
+                    row.update(cost={"flops": cost.flops, "bytes": cost.bytes, "weight_bytes": cost.weight_bytes},
+                               floor=floor_seconds(cost, peak, row["precision"]))
+                    if ros is not None:
+                        row["e2e"] = _graph(ros, model_path, row, device, payloads, cfg, work)
+                rows += new
+                runnable = [(r["backend"], r["precision"]) for r in new]
         finally:
             if ros is not None:
                 ros.close()
@@ -321,39 +319,49 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
     }
 
 
-def _measure(bundle, model_path: Path, backend: str, precision: str, device: str, batch: int, payloads, check, reference,
-             ros: RosBench | None, cfg: BenchmarkConfig, work: Path) -> dict:
-    """One row: stage timings, agreement (at the largest batch), and the node end to end."""
-    label = f"{backend} {precision} x{batch}"
-    log.info("%s: building the predictor", label)
-    predictor, reason = _predictor(bundle, backend, precision, device, batch, cfg)
-    if predictor is None:
-        log.warning("%s: skipped: %s", label, reason)
-        return {"backend": backend, "precision": precision, "reason": reason}
-    stages = predictor_stages(predictor, set(cfg.outputs))
-    if ros is not None:
-        stages += ros.stages(cfg.outputs, "mono8" if predictor.label_dtype == np.uint8 else "mono16")
+def _measure_batch(bundle, runnable: list[tuple[str, str]], device: str, batch: int, payloads, check, reference,
+                   ros: RosBench | None, cfg: BenchmarkConfig, skipped: list[dict]) -> list[dict]:
+    """Rows of every runnable backend x precision at ``batch``: stage timings measured interleaved
+    (see :func:`time_pipelines`), and agreement with the reference at the largest batch."""
+    predictors = {}
+    for backend, precision in runnable:
+        log.info("%s %s x%d: building the predictor", backend, precision, batch)
+        predictor, reason = _predictor(bundle, backend, precision, device, batch, cfg)
+        if predictor is None:
+            log.warning("%s %s: skipped: %s", backend, precision, reason)
+            skipped.append({"backend": backend, "precision": precision, "reason": reason})
+        else:
+            predictors[(backend, precision)] = predictor
+    pipelines = {}
+    for key, predictor in predictors.items():
+        pipelines[key] = predictor_stages(predictor, set(cfg.outputs))
+        if ros is not None:
+            pipelines[key] += ros.stages(cfg.outputs, "mono8" if predictor.label_dtype == np.uint8 else "mono16")
     rounds = [[payloads[(i * batch + j) % len(payloads)] for j in range(batch)] for i in range(cfg.warmup + cfg.iterations)]
-    samples = time_stages(stages, rounds, device, cfg.warmup, desc=f"{label}: stages")
-    row = {"backend": backend, "precision": precision, "batch": batch, "describe": predictor.backend.describe(),
-           "stages": {name: summarize(s) for name, s in samples.items() if name != "total"},
-           "pipeline": summarize(samples["total"])}
-    row["pipeline_fps"] = batch * 1e3 / row["pipeline"]["median_ms"]
-    if batch == max(1, cfg.cameras):
-        outputs = reference_outputs(predictor, check, batch, desc=f"{label}: agreement")
-        row["agreement"] = agreement(reference, outputs)
-    del predictor
-    if ros is not None:
-        log.info("%s: perception_node end to end", label)
-        log_path = work / f"node_{backend}_{precision}_x{batch}.log"
-        try:
-            row["e2e"] = ros.graph(model_path, backend, precision, device, batch, payloads, cfg, log_path)
-        except (RuntimeError, TimeoutError) as exc:
-            log.error("%s: end-to-end run failed: %s", label, exc)
-            row["e2e"] = {"error": str(exc)}
-    return row
+    samples = time_pipelines(pipelines, rounds, device, cfg.warmup, desc=f"batch {batch}: stages, interleaved")
+    rows = []
+    for (backend, precision), predictor in predictors.items():
+        s = samples[(backend, precision)]
+        row = {"backend": backend, "precision": precision, "batch": batch, "describe": predictor.backend.describe(),
+               "stages": {name: summarize(v) for name, v in s.items() if name != "total"}, "pipeline": summarize(s["total"])}
+        row["pipeline_fps"] = batch * 1e3 / row["pipeline"]["median_ms"]
+        if batch == max(1, cfg.cameras):
+            outputs = reference_outputs(predictor, check, batch, desc=f"{backend} {precision} x{batch}: agreement")
+            row["agreement"] = agreement(reference, outputs)
+        rows.append(row)
+    return rows
 
 
+def _graph(ros: RosBench, model_path: Path, row: dict, device: str, payloads, cfg: BenchmarkConfig, work: Path) -> dict:
+    """The row's backend and precision end to end through perception_node, or the error."""
+    backend, precision, batch = row["backend"], row["precision"], row["batch"]
+    log.info("%s %s x%d: perception_node end to end", backend, precision, batch)
+    try:
+        return ros.graph(model_path, backend, precision, device, batch, payloads, cfg,
+                         work / f"node_{backend}_{precision}_x{batch}.log")
+    except (RuntimeError, TimeoutError) as exc:
+        log.error("%s %s x%d: end-to-end run failed: %s", backend, precision, batch, exc)
+        return {"error": str(exc)}
 def _relative_to_eager(rows: list[dict]) -> None:
     """Speed-up of each row's inference and end-to-end latency over torch fp32 eager at the same batch."""
     eager = {r["batch"]: r for r in rows if r["backend"] == "torch" and r["precision"] == "fp32"}
