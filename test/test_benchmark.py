@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from uncertain_seg_ros.bundle import load_bundle
 from uncertain_seg_ros.inference import OUTPUT_KINDS, FrameOutputs, Predictor, PredictorOptions
 from uncertain_seg_ros.inference.network import DeployedNetwork
 from uncertain_seg_ros.inference.profiling import (
-    STAGES, CameraPayload, agreement, predictor_stages, summarize, time_pipelines, time_stages)
+    STAGES, CameraPayload, OtherLoad, agreement, predictor_stages, summarize, time_pipelines, time_stages)
 from uncertain_seg_ros.inference.roofline import DevicePeak, count_flops, floor_seconds, measure_peak, network_cost
 from uncertain_seg_ros.model import UncertainSegmenter
 from uncertain_seg_ros.ros.benchmark import BenchmarkConfig, run_benchmark
@@ -108,6 +109,15 @@ def test_floor_is_the_binding_limit():
     assert set(peak.flops_per_s) == {"fp32"} and peak.flops_per_s["fp32"] > 0 and peak.bytes_per_s > 0
 
 
+def test_other_load_excludes_this_process():
+    with OtherLoad() as idle:
+        time.sleep(0.2)
+    with OtherLoad() as busy:
+        sum(i * i for i in range(2_000_000))
+    assert idle.cores is not None and busy.cores is not None
+    assert 0 <= busy.cores <= os.cpu_count()
+
+
 def test_agreement_counts_pixels():
     ref = [FrameOutputs(labels=np.zeros((4, 5), np.uint8), uncertainty=np.zeros((4, 5), np.float32))] * 2
     other = FrameOutputs(labels=np.zeros((4, 5), np.uint8), uncertainty=np.full((4, 5), 0.25, np.float32))
@@ -152,7 +162,7 @@ def _check_run(run: dict, stages: tuple[str, ...]) -> None:
         for s in row["stages"].values():
             assert s["n"] > 0 and math.isfinite(s["median_ms"]) and s["p95_ms"] >= s["median_ms"] > 0
         assert row["cost"]["flops"] > 0 and row["floor"]["floor_s"] > 0 and row["pipeline_fps"] > 0
-        assert row["speedup_vs_torch_fp32"]["inference"] > 0
+        assert row["speedup_vs_torch_fp32"]["inference"] > 0 and row["other_load_cores"] >= 0
     for row in [r for r in run["rows"] if r["batch"] == run["cameras"]]:
         assert row["agreement"]["label_agreement"] >= 0.99 and row["agreement"]["frames"] == run["frames"]["count"]
 
@@ -202,4 +212,4 @@ def test_cli_through_a_real_ros_graph(tiny_bundle, tmp_path):
         assert "error" not in e2e, e2e
         assert e2e["sent"] == 3 * row["batch"] and e2e["answered"] + e2e["lost"] == e2e["sent"] and e2e["answered"] > 0
         assert e2e["latency"]["n"] == e2e["answered"] and e2e["latency"]["median_ms"] > 0
-        assert e2e["throughput_fps"] > 0 and row["e2e_over_inference"] > 0
+        assert e2e["throughput_fps"] > 0 and row["e2e_over_inference"] > 0 and e2e["other_load_cores"] >= 0

@@ -8,6 +8,7 @@ A frame's path is split into stages, each a function of the previous stage's res
 around it, the device synchronised after it, so a GPU's asynchronous work is charged to the stage
 that queued it.
 """
+import os
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -123,6 +124,44 @@ def summarize(seconds: Sequence[float]) -> dict[str, float | int | None]:
     ms = np.asarray(seconds, dtype=np.float64) * 1e3
     return {"median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)), "mean_ms": float(ms.mean()),
             "min_ms": float(ms.min()), "n": int(ms.size)}
+
+
+class OtherLoad:
+    """CPU used by other processes while a measurement runs, in cores (Linux; None elsewhere).
+
+    Timings on a shared machine mean little without it: machine-wide busy time from /proc/stat,
+    minus this process's own CPU time and that of ``pids`` (e.g. the node process being measured),
+    divided by the wall time. 2.0 on a 2-core machine: somebody else kept both cores busy.
+    """
+
+    def __init__(self, pids: Sequence[int] = ()) -> None:
+        self.pids = list(pids)
+        self.cores: float | None = None
+
+    def _sample(self) -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+            ticks = os.sysconf("SC_CLK_TCK")
+            mine = sum(os.times()[:2])
+            for pid in self.pids:
+                with open(f"/proc/{pid}/stat") as f:
+                    stat = f.read().rsplit(")", 1)[1].split()
+                mine += (int(stat[11]) + int(stat[12])) / ticks
+        except (OSError, ValueError, IndexError):
+            return None
+        busy = (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / ticks  # user nice system irq softirq
+        return time.monotonic(), busy, mine
+
+    def __enter__(self) -> "OtherLoad":
+        self._start = self._sample()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = self._sample()
+        if self._start is not None and end is not None and end[0] > self._start[0]:
+            wall, busy, mine = (e - s for e, s in zip(end, self._start))
+            self.cores = max(0.0, (busy - mine) / wall)
 
 
 def reference_outputs(predictor: Predictor, frames: Sequence[np.ndarray], batch: int = 1,

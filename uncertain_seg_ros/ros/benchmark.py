@@ -43,6 +43,7 @@ from ..inference import (
 from ..inference.network import DeployedNetwork
 from ..inference.profiling import (
     CameraPayload,
+    OtherLoad,
     agreement,
     predictor_stages,
     reference_outputs,
@@ -235,10 +236,11 @@ class RosBench:
             rate = cfg.rate_hz or 0.5 / single
             log.info("node answers a round of %d frame(s) in %.1f ms unloaded; latency at %.2f Hz, throughput at %.2f Hz",
                      cameras, single * 1e3, rate, FLOOD_FACTOR / single)
-            paced = probe.paced(frames, cfg.e2e_frames, rate, timeout=wait)
-            flood = probe.paced(frames, cfg.e2e_frames, FLOOD_FACTOR / single, timeout=wait)
+            with OtherLoad([proc.pid]) as load:
+                paced = probe.paced(frames, cfg.e2e_frames, rate, timeout=wait)
+                flood = probe.paced(frames, cfg.e2e_frames, FLOOD_FACTOR / single, timeout=wait)
             return {"latency": summarize(paced.latencies), "rate_hz": rate, "sent": paced.sent, "answered": paced.answered,
-                    "lost": paced.lost, "throughput_fps": flood.fps,
+                    "lost": paced.lost, "throughput_fps": flood.fps, "other_load_cores": load.cores,
                     "throughput_run": {"rate_hz": FLOOD_FACTOR / single, "sent": flood.sent, "answered": flood.answered,
                                        "lost": flood.lost, "duration_s": flood.duration_s,
                                        "latency": summarize(flood.latencies)}}
@@ -338,12 +340,14 @@ def _measure_batch(bundle, runnable: list[tuple[str, str]], device: str, batch: 
         if ros is not None:
             pipelines[key] += ros.stages(cfg.outputs, "mono8" if predictor.label_dtype == np.uint8 else "mono16")
     rounds = [[payloads[(i * batch + j) % len(payloads)] for j in range(batch)] for i in range(cfg.warmup + cfg.iterations)]
-    samples = time_pipelines(pipelines, rounds, device, cfg.warmup, desc=f"batch {batch}: stages, interleaved")
+    with OtherLoad() as load:
+        samples = time_pipelines(pipelines, rounds, device, cfg.warmup, desc=f"batch {batch}: stages, interleaved")
     rows = []
     for (backend, precision), predictor in predictors.items():
         s = samples[(backend, precision)]
         row = {"backend": backend, "precision": precision, "batch": batch, "describe": predictor.backend.describe(),
-               "stages": {name: summarize(v) for name, v in s.items() if name != "total"}, "pipeline": summarize(s["total"])}
+               "stages": {name: summarize(v) for name, v in s.items() if name != "total"}, "pipeline": summarize(s["total"]),
+               "other_load_cores": load.cores}
         row["pipeline_fps"] = batch * 1e3 / row["pipeline"]["median_ms"]
         if batch == max(1, cfg.cameras):
             outputs = reference_outputs(predictor, check, batch, desc=f"{backend} {precision} x{batch}: agreement")
