@@ -81,6 +81,7 @@ class BenchmarkConfig:
     skip_ros: bool = False
     cache_dir: str | None = None
     domain_id: int | None = None
+    fastdds_transports: str | None = "LARGE_DATA"
     timeout_s: float = 600.0
     work_dir: Path | None = None
     note: str = ""
@@ -142,7 +143,13 @@ def environment() -> dict:
 class RosBench:
     """This process's side of the ROS measurements: an isolated graph, a node spun in the background."""
 
-    def __init__(self, domain_id: int | None) -> None:
+    def __init__(self, domain_id: int | None, fastdds_transports: str | None) -> None:
+        """``fastdds_transports``: Fast DDS's builtin transports for this process and the node, unless
+        FASTDDS_BUILTIN_TRANSPORTS is set already. With the default transports a 500 kB image that
+        loses a fragment waits for reliable repair (seen here: single outputs 1.6-3 s late on loopback);
+        LARGE_DATA carries large samples over TCP/shared memory and did not lose any."""
+        if fastdds_transports:
+            os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", fastdds_transports)
         import rclpy
         from rclpy.executors import MultiThreadedExecutor
 
@@ -239,7 +246,8 @@ class RosBench:
             with OtherLoad([proc.pid]) as load:
                 paced = probe.paced(frames, cfg.e2e_frames, rate, timeout=wait)
                 flood = probe.paced(frames, cfg.e2e_frames, FLOOD_FACTOR / single, timeout=wait)
-            return {"latency": summarize(paced.latencies), "rate_hz": rate, "sent": paced.sent, "answered": paced.answered,
+            return {"latency": summarize(paced.latencies), "latencies_ms": [round(v * 1e3, 2) for v in paced.latencies],
+                    "rate_hz": rate, "sent": paced.sent, "answered": paced.answered,
                     "lost": paced.lost, "throughput_fps": flood.fps, "other_load_cores": load.cores,
                     "throughput_run": {"rate_hz": FLOOD_FACTOR / single, "sent": flood.sent, "answered": flood.answered,
                                        "lost": flood.lost, "duration_s": flood.duration_s,
@@ -288,7 +296,8 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         reference_predictor = Predictor(bundle, PredictorOptions(device, "fp32", backend="torch"))
         reference = reference_outputs(reference_predictor, check, 1, desc="reference: torch fp32")
         del reference_predictor
-        ros = None if cfg.skip_ros else RosBench(cfg.domain_id)
+        ros = None if cfg.skip_ros else RosBench(cfg.domain_id, cfg.fastdds_transports)
+        env["FASTDDS_BUILTIN_TRANSPORTS"] = os.environ.get("FASTDDS_BUILTIN_TRANSPORTS")
         skipped = [{"backend": b, "precision": "*", "reason": availability[b]} for b in cfg.backends if availability.get(b)]
         runnable = [(b, p) for b in cfg.backends if not availability.get(b) for p in precisions]
         rows = []

@@ -5,6 +5,7 @@ offers them without importing the node. rclpy is imported only when one of them 
 (``benchmark --skip-ros`` runs without it).
 """
 import argparse
+import signal
 import sys
 import threading
 import time
@@ -115,8 +116,10 @@ def _benchmark(args: argparse.Namespace) -> int:
         frames=frames, camera_size=args.camera_size, encoding=args.encoding, cameras=args.cameras,
         iterations=args.iterations, warmup=args.warmup, e2e_frames=args.e2e_frames, rate_hz=args.rate,
         agreement_frames=args.agreement_frames, outputs=tuple(args.outputs), skip_ros=args.skip_ros,
-        cache_dir=args.cache, domain_id=args.domain_id, timeout_s=args.timeout,
+        cache_dir=args.cache, domain_id=args.domain_id, fastdds_transports=args.fastdds_transports or None,
+        timeout_s=args.timeout,
         work_dir=Path(args.work) if args.work else None, note=args.note)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the node process is stopped too
     try:
         run = run_benchmark(cfg)
     except (FileNotFoundError, ValueError) as exc:
@@ -216,6 +219,10 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--note", default="", help="a remark stored with the run (e.g. other load on the machine)")
     p.add_argument("--cache", default=None, help="engine cache folder (default: $UNCERTAIN_SEG_CACHE or ~/.cache/...)")
     p.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: a random private one)")
+    p.add_argument("--fastdds-transports", default="LARGE_DATA",
+                   help="FASTDDS_BUILTIN_TRANSPORTS for this process and the node unless already set in the environment "
+                        "(default: LARGE_DATA; with Fast DDS's default transports, 500 kB images lost fragments and "
+                        "waited seconds for reliable repair on loopback; '' leaves Fast DDS's default)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the node to start serving (default: 600)")
     p.add_argument("--work", default=None, help="keep the node logs in this folder (default: a temporary one)")
     p.set_defaults(func=_benchmark)
