@@ -11,7 +11,7 @@ from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
 from launch.conditions import IfCondition
-from launch.substitutions import LaunchConfiguration
+from launch.substitutions import EnvironmentVariable, LaunchConfiguration
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 
@@ -33,12 +33,21 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("input_qos", default_value="sensor_data",
                               description="sensor_data, reliable, best_effort or system_default"),
         DeclareLaunchArgument("rviz", default_value="false", description="also start RViz with config/perception.rviz"),
+        DeclareLaunchArgument(
+            "dds_profile",
+            default_value=EnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE",
+                                              default_value=os.path.join(share, "config", "fastdds_large_images.xml")),
+            description="Fast DDS XML profile of the node and RViz (default: $FASTRTPS_DEFAULT_PROFILES_FILE, else the "
+                        "shipped large-image profile: Fast DDS's 512 KiB shared-memory segment drops image bursts)"),
     ]
+    dds = {"FASTRTPS_DEFAULT_PROFILES_FILE": LaunchConfiguration("dds_profile"),
+           "FASTDDS_DEFAULT_PROFILES_FILE": LaunchConfiguration("dds_profile")}
     node = Node(
         package=PACKAGE,
         executable="perception_node",
         name="perception_node",
         output="screen",
+        additional_env=dds,
         parameters=[
             LaunchConfiguration("params_file"),
             {
@@ -56,6 +65,7 @@ def generate_launch_description() -> LaunchDescription:
         executable="rviz2",
         name="rviz2",
         arguments=["-d", os.path.join(share, "config", "perception.rviz")],
+        additional_env=dds,
         condition=IfCondition(LaunchConfiguration("rviz")),
     )
     return LaunchDescription([*arguments, node, rviz])

@@ -9,6 +9,7 @@ import yaml
 
 from uncertain_seg_ros.inference import OUTPUT_KINDS
 from uncertain_seg_ros.ros.camera_stream import output_namespace
+from uncertain_seg_ros.ros.dds_transport import PROFILE_VARIABLES
 from uncertain_seg_ros.ros.parameters import PARAMETERS
 
 from conftest import REPO
@@ -37,9 +38,9 @@ def test_launch_file_parses_and_defines_generate_launch_description():
 
 def test_launch_arguments_mirror_node_parameters():
     args = _launch_arguments()
-    assert {"params_file", "rviz"} <= set(args)
+    assert {"params_file", "rviz", "dds_profile"} <= set(args)
     for name, default in args.items():
-        if name in ("params_file", "rviz"):
+        if name in ("params_file", "rviz", "dds_profile"):
             continue
         assert name in PARAMETERS, f"launch argument {name} is not a node parameter"
         expected = PARAMETERS[name][0]
@@ -51,11 +52,22 @@ def test_launch_starts_the_installed_executable_and_names_existing_files():
     assert next(k.value.id for k in node.keywords if k.arg == "package") == "PACKAGE"
     source = LAUNCH.read_text()
     assert 'PACKAGE = "uncertain_seg_ros"' in source
-    for relative in ("config/perception.yaml", "config/perception.rviz"):
+    for relative in ("config/perception.yaml", "config/perception.rviz", "config/fastdds_large_images.xml"):
         folder, name = relative.split("/")
         assert f'"{folder}", "{name}"' in source
         assert (REPO / relative).is_file()
     assert "perception_node = uncertain_seg_ros.ros.perception_node:main" in (REPO / "setup.py").read_text()
+
+
+def test_node_and_rviz_get_the_fast_dds_profile():
+    """Both Fast DDS generations' variables, for the node and RViz (Fast DDS reads them at start-up)."""
+    for call in _launch_calls("Node"):
+        env = next(k.value for k in call.keywords if k.arg == "additional_env")
+        assert env.id == "dds"
+    source = LAUNCH.read_text()
+    for var in PROFILE_VARIABLES:
+        assert f'"{var}": LaunchConfiguration("dds_profile")' in source
+    assert 'EnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE"' in source
 
 
 def test_params_file_lists_every_parameter_with_its_default():

@@ -24,7 +24,7 @@ def share_directories() -> list[Path]:
     except ImportError:
         pass
     candidates += [Path(sys.prefix) / "share" / PACKAGE, Path(sys.base_prefix) / "share" / PACKAGE]
-    return [c for c in candidates if (c / "models").is_dir() or (c / "samples").is_dir()]
+    return [c for c in candidates if any((c / d).is_dir() for d in ("models", "samples", "config"))]
 
 
 def shipped_bundles() -> dict[str, Path]:
@@ -55,3 +55,11 @@ def sample_path(name: str) -> Path:
         if (share / "samples" / name).exists():
             return share / "samples" / name
     raise FileNotFoundError(f"sample {name!r} is not installed with {PACKAGE}")
+
+
+def config_path(name: str) -> Path:
+    """A shipped configuration file (e.g. ``perception.yaml``) by name."""
+    for share in share_directories():
+        if (share / "config" / name).is_file():
+            return share / "config" / name
+    raise FileNotFoundError(f"configuration {name!r} is not installed with {PACKAGE}")

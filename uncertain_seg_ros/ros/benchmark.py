@@ -53,6 +53,7 @@ from ..inference.profiling import (
 from ..inference.roofline import floor_seconds, measure_peak, network_cost
 from ..model import SegmenterConfig, UncertainSegmenter, backbone_config
 from ..resources import resolve_bundle
+from .dds_transport import large_image_profile, transport_settings, use_transport_profile
 
 log = logging.getLogger(__name__)
 ROS_STAGES = ("convert", "publish")
@@ -81,7 +82,7 @@ class BenchmarkConfig:
     skip_ros: bool = False
     cache_dir: str | None = None
     domain_id: int | None = None
-    fastdds_transports: str | None = "LARGE_DATA"
+    fastdds_profile: str | None = "shipped"
     timeout_s: float = 600.0
     work_dir: Path | None = None
     note: str = ""
@@ -135,21 +136,21 @@ def environment() -> dict:
         env["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         pass
-    for var in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "RMW_IMPLEMENTATION", "FASTDDS_BUILTIN_TRANSPORTS"):
+    for var in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "RMW_IMPLEMENTATION"):
         env[var] = os.environ.get(var)
+    env.update(transport_settings())
     return env
 
 
 class RosBench:
     """This process's side of the ROS measurements: an isolated graph, a node spun in the background."""
 
-    def __init__(self, domain_id: int | None, fastdds_transports: str | None) -> None:
-        """``fastdds_transports``: Fast DDS's builtin transports for this process and the node, unless
-        FASTDDS_BUILTIN_TRANSPORTS is set already. With the default transports a 500 kB image that
-        loses a fragment waits for reliable repair (seen here: single outputs 1.6-3 s late on loopback);
-        LARGE_DATA carries large samples over TCP/shared memory and did not lose any."""
-        if fastdds_transports:
-            os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", fastdds_transports)
+    def __init__(self, domain_id: int | None, fastdds_profile: str | None) -> None:
+        """``fastdds_profile``: a Fast DDS XML profile for this process and the node ("shipped": the
+        package's large-image profile; None: Fast DDS's defaults), unless the environment already
+        chooses transports. With the default 512 KiB shared-memory segment a frame's 518 kB outputs
+        were dropped and resent after the 3 s heartbeat (see dds_transport)."""
+        use_transport_profile(large_image_profile() if fastdds_profile == "shipped" else fastdds_profile)
         import rclpy
         from rclpy.executors import MultiThreadedExecutor
 
@@ -296,8 +297,8 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         reference_predictor = Predictor(bundle, PredictorOptions(device, "fp32", backend="torch"))
         reference = reference_outputs(reference_predictor, check, 1, desc="reference: torch fp32")
         del reference_predictor
-        ros = None if cfg.skip_ros else RosBench(cfg.domain_id, cfg.fastdds_transports)
-        env["FASTDDS_BUILTIN_TRANSPORTS"] = os.environ.get("FASTDDS_BUILTIN_TRANSPORTS")
+        ros = None if cfg.skip_ros else RosBench(cfg.domain_id, cfg.fastdds_profile)
+        env.update(transport_settings())
         skipped = [{"backend": b, "precision": "*", "reason": availability[b]} for b in cfg.backends if availability.get(b)]
         runnable = [(b, p) for b in cfg.backends if not availability.get(b) for p in precisions]
         rows = []

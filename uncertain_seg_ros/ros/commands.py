@@ -116,7 +116,7 @@ def _benchmark(args: argparse.Namespace) -> int:
         frames=frames, camera_size=args.camera_size, encoding=args.encoding, cameras=args.cameras,
         iterations=args.iterations, warmup=args.warmup, e2e_frames=args.e2e_frames, rate_hz=args.rate,
         agreement_frames=args.agreement_frames, outputs=tuple(args.outputs), skip_ros=args.skip_ros,
-        cache_dir=args.cache, domain_id=args.domain_id, fastdds_transports=args.fastdds_transports or None,
+        cache_dir=args.cache, domain_id=args.domain_id, fastdds_profile=args.fastdds_profile or None,
         timeout_s=args.timeout,
         work_dir=Path(args.work) if args.work else None, note=args.note)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the node process is stopped too
@@ -219,10 +219,12 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--note", default="", help="a remark stored with the run (e.g. other load on the machine)")
     p.add_argument("--cache", default=None, help="engine cache folder (default: $UNCERTAIN_SEG_CACHE or ~/.cache/...)")
     p.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: a random private one)")
-    p.add_argument("--fastdds-transports", default="LARGE_DATA",
-                   help="FASTDDS_BUILTIN_TRANSPORTS for this process and the node unless already set in the environment "
-                        "(default: LARGE_DATA; with Fast DDS's default transports, 500 kB images lost fragments and "
-                        "waited seconds for reliable repair on loopback; '' leaves Fast DDS's default)")
+    p.add_argument("--fastdds-profile", default="shipped",
+                   help="Fast DDS XML profile for this process and the node, unless the environment already sets "
+                        "FASTRTPS_DEFAULT_PROFILES_FILE, FASTDDS_DEFAULT_PROFILES_FILE or FASTDDS_BUILTIN_TRANSPORTS "
+                        "(default: 'shipped', config/fastdds_large_images.xml: the default 512 KiB shared-memory "
+                        "segment drops a frame's outputs, which reliable delivery resends only after 3 s; "
+                        "'' leaves Fast DDS's defaults)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the node to start serving (default: 600)")
     p.add_argument("--work", default=None, help="keep the node logs in this folder (default: a temporary one)")
     p.set_defaults(func=_benchmark)

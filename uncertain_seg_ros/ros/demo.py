@@ -23,6 +23,7 @@ import numpy as np
 from ..atomic_io import atomic_write_text
 from ..inference import OUTPUT_KINDS
 from .camera_stream import output_namespace
+from .dds_transport import large_image_profile, use_transport_profile
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def run_demo(bag: Path, out: Path, model: str = "camvid_demo", topic: str = "/ca
     from .output_recorder import MONTAGE_COLUMNS, OutputRecorder
 
     domain = isolate_graph(domain_id)
+    use_transport_profile(large_image_profile())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     node_params = {"model": model, "device": device, "input_qos": "transient_local", "input_depth": "10",
