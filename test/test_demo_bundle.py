@@ -44,7 +44,9 @@ def test_demo_on_bundled_samples(tmp_path):
 
 
 def _close(actual, expected, path=""):
-    """Recursive comparison of metrics.json trees (floats to 1e-6: CPU kernels may differ in the last bits)."""
+    """Recursive comparison of metrics.json trees. CPU kernels (instruction set, thread count, the
+    order of a sum) differ in the last bits, so floats agree to 1e-6 and pixel counts to 1 in 10^5:
+    the few pixels that sit exactly on a bin edge or a selector decision may move."""
     if isinstance(expected, dict):
         for k, v in expected.items():
             _close(actual[k], v, f"{path}.{k}")
@@ -54,6 +56,8 @@ def _close(actual, expected, path=""):
             _close(a, e, f"{path}[{i}]")
     elif isinstance(expected, float):
         assert actual == pytest.approx(expected, abs=1e-6), path
+    elif isinstance(expected, int) and not isinstance(expected, bool) and expected >= 100_000:
+        assert actual == pytest.approx(expected, rel=1e-5), path
     else:
         assert actual == expected, path
 
