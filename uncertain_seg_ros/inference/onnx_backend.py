@@ -63,6 +63,12 @@ class OnnxRuntimeBackend(Backend):
         folder = cache.get_or_build(self.key, lambda out: export_onnx(network, out / MODEL_FILE, self.dtype, max_batch))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if device.type == "cpu":
+            options.intra_op_num_threads = torch.get_num_threads()
+            # ONNX Runtime's pool spins after each run; the calibration, colouring and publishing that follow
+            # in PyTorch and DDS then share the cores with spinning threads (on 2 cores: post-processing
+            # 120 ms instead of 76, inference 67 instead of 73 ms).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda":
             providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
