@@ -19,7 +19,9 @@ from .artifact_cache import ArtifactCache
 from .network import DeployedNetwork
 
 BACKENDS = ("torch", "torch_compile", "onnxruntime", "tensorrt")
-AUTO_ORDER = {"cuda": ("tensorrt", "torch_compile", "torch"), "cpu": ("onnxruntime", "torch")}
+# On the CPU, eager PyTorch measured faster than ONNX Runtime in one benchmark run
+# (benchmarks/results/inference_cpu.md: ViT-S/14 at 644x476 1079 vs 1302 ms, the demo 65.0 vs 67.8 ms).
+AUTO_ORDER = {"cuda": ("tensorrt", "torch_compile", "torch"), "cpu": ("torch",)}
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
