@@ -1,15 +1,16 @@
 """How long a frame's images take between two processes, per Fast DDS transport setting.
 
-A probe process publishes one camera frame (480x360 rgb8, 518 kB, reliable) to an echo process,
+A probe process publishes one camera frame (480x360 rgb8, 518 kB) to an echo process,
 which answers with six images of the same size, as perception_node does with all outputs
 subscribed. The probe measures the time from publishing to the arrival of the sixth answer, one
 frame at a time, for each setting: Fast DDS's defaults (UDPv4 + 512 KiB shared memory), shared
 memory only, LARGE_DATA (TCP + shared memory), and the shipped profile
-``config/fastdds_large_images.xml`` (64 MiB shared-memory segment). Prints a table and writes JSON
-and Markdown.
+``config/fastdds_large_images.xml`` (64 MiB shared-memory segment); with reliable QoS (what the
+node publishes) and best effort (what camera drivers publish). Prints a table and writes JSON and
+Markdown.
 
-    python benchmarks/dds_transport.py --json benchmarks/results/dds_transport.json \
-        --markdown benchmarks/results/dds_transport.md
+    python benchmarks/dds_transport.py --reliability reliable best_effort --timeout 5 \
+        --json benchmarks/results/dds_transport.json --markdown benchmarks/results/dds_transport.md
 """
 import argparse
 import json
@@ -38,7 +39,9 @@ ANSWERS = 6
 def _qos(depth: int):
     from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
-    return QoSProfile(depth=depth, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+    best_effort = os.environ.get("DDS_TRANSPORT_RELIABILITY") == "best_effort"
+    policy = ReliabilityPolicy.BEST_EFFORT if best_effort else ReliabilityPolicy.RELIABLE
+    return QoSProfile(depth=depth, reliability=policy, history=HistoryPolicy.KEEP_LAST)
 
 
 def _image(width: int, height: int):
@@ -123,13 +126,15 @@ def probe(rounds: int, width: int, height: int, timeout_s: float) -> dict:
     return {"latencies_ms": [round(v * 1e3, 2) for v in latencies], "lost": lost}
 
 
-def measure(setting: str, rounds: int, width: int, height: int, timeout_s: float) -> dict:
-    """Run echo and probe as two processes on a private localhost domain with ``setting``."""
+def measure(setting: str, rounds: int, width: int, height: int, timeout_s: float, reliability: str = "reliable") -> dict:
+    """Run echo and probe as two processes on a private localhost domain with ``setting``; both
+    sides use ``reliability`` (reliable or best_effort)."""
     env = {k: v for k, v in os.environ.items() if k not in USER_TRANSPORT_VARIABLES}
     extra = SETTINGS[setting]
     if extra == "profile":
         extra = {var: str(large_image_profile()) for var in PROFILE_VARIABLES}
-    env.update(extra, ROS_DOMAIN_ID=str(random.randint(1, 101)), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
+    env.update(extra, ROS_DOMAIN_ID=str(random.randint(1, 101)), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+               DDS_TRANSPORT_RELIABILITY=reliability)
     size = ["--width", str(width), "--height", str(height)]
     echo_proc = subprocess.Popen([sys.executable, __file__, "--role", "echo", *size], env=env)
     try:
@@ -143,28 +148,30 @@ def measure(setting: str, rounds: int, width: int, height: int, timeout_s: float
         raise RuntimeError(f"probe failed for {setting}: {out.stderr[-2000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     lat = np.array(result["latencies_ms"]) if result["latencies_ms"] else np.array([np.nan])
-    return {"setting": setting, "environment": extra, "rounds": rounds, "answered": len(result["latencies_ms"]),
+    return {"setting": setting, "reliability": reliability, "environment": extra, "rounds": rounds, "answered": len(result["latencies_ms"]),
             "lost": result["lost"], "median_ms": float(np.median(lat)), "p95_ms": float(np.percentile(lat, 95)),
             "max_ms": float(np.max(lat)), "latencies_ms": result["latencies_ms"]}
 
 
-def markdown(results: list[dict], width: int, height: int, command: str) -> str:
+def markdown(results: list[dict], width: int, height: int, timeout_s: float, command: str) -> str:
     lines = [
         "# Fast DDS transports for camera images on one host",
         "",
         f"`{command}`",
         "",
-        f"One {width}x{height} rgb8 frame ({width * height * 3 / 1e3:.0f} kB, reliable) to a second process, which "
+        f"One {width}x{height} rgb8 frame ({width * height * 3 / 1e3:.0f} kB) to a second process, which "
         f"answers with {ANSWERS} images of the same size (perception_node with every output subscribed); time "
-        "from publishing the frame to the last answer, one frame at a time.",
+        "from publishing the frame to the last answer, one frame at a time. Both sides use the QoS reliability "
+        f"in the table; a frame not answered completely within {timeout_s:g} s counts as lost (with best effort "
+        "nothing is resent).",
         "",
-        "| setting | environment | answered | median ms | p95 ms | max ms |",
-        "|---|---|---|---|---|---|",
+        "| setting | environment | reliability | answered | median ms | p95 ms | max ms |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         env = ", ".join(f"`{k}={Path(v).name}`" for k, v in r["environment"].items()) or "(none)"
-        lines.append(f"| {r['setting']} | {env} | {r['answered']}/{r['rounds']} | {r['median_ms']:.1f} | "
-                     f"{r['p95_ms']:.1f} | {r['max_ms']:.1f} |")
+        lines.append(f"| {r['setting']} | {env} | {r['reliability']} | {r['answered']}/{r['rounds']} | "
+                     f"{r['median_ms']:.1f} | {r['p95_ms']:.1f} | {r['max_ms']:.1f} |")
     lines += ["", "Fast DDS's shared-memory segment is 512 KiB per participant by default; a burst of 518 kB "
               "images does not fit, samples are dropped and a reliable reader gets them again only after the "
               "writer's next heartbeat (3 s). The shipped profile gives the segment 64 MiB.", ""]
@@ -178,6 +185,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--width", type=int, default=480)
     parser.add_argument("--height", type=int, default=360)
+    parser.add_argument("--reliability", nargs="+", choices=("reliable", "best_effort"), default=["reliable"])
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds before a frame counts as lost")
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None)
@@ -190,16 +198,18 @@ def main() -> int:
         return 0
     command = " ".join(["python", "benchmarks/dds_transport.py", *sys.argv[1:]])
     results = []
-    for setting in args.settings:
-        results.append(measure(setting, args.rounds, args.width, args.height, args.timeout))
-        r = results[-1]
-        print(f"{setting:16s} answered {r['answered']}/{r['rounds']}  median {r['median_ms']:8.1f} ms  "
-              f"p95 {r['p95_ms']:8.1f} ms  max {r['max_ms']:8.1f} ms", flush=True)
+    for reliability in args.reliability:
+        for setting in args.settings:
+            results.append(measure(setting, args.rounds, args.width, args.height, args.timeout, reliability))
+            r = results[-1]
+            print(f"{setting:16s} {reliability:11s} answered {r['answered']}/{r['rounds']}  median {r['median_ms']:8.1f} ms  "
+                  f"p95 {r['p95_ms']:8.1f} ms  max {r['max_ms']:8.1f} ms", flush=True)
     if args.json:
         atomic_write_text(args.json, json.dumps({"command": command, "width": args.width, "height": args.height,
-                                                 "answers": ANSWERS, "results": results}, indent=1))
+                                                 "answers": ANSWERS, "timeout_s": args.timeout, "results": results},
+                                                indent=1))
     if args.markdown:
-        atomic_write_text(args.markdown, markdown(results, args.width, args.height, command))
+        atomic_write_text(args.markdown, markdown(results, args.width, args.height, args.timeout, command))
     return 0
 
 
