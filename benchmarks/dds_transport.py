@@ -26,6 +26,7 @@ import numpy as np
 
 from uncertain_seg_ros.atomic_io import atomic_write_text
 from uncertain_seg_ros.ros.dds_transport import PROFILE_VARIABLES, USER_TRANSPORT_VARIABLES, large_image_profile
+from uncertain_seg_ros.ros.qos import qos_profile
 
 SETTINGS = {
     "default": {},
@@ -36,14 +37,6 @@ SETTINGS = {
 ANSWERS = 6
 
 
-def _qos(depth: int):
-    from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
-
-    best_effort = os.environ.get("DDS_TRANSPORT_RELIABILITY") == "best_effort"
-    policy = ReliabilityPolicy.BEST_EFFORT if best_effort else ReliabilityPolicy.RELIABLE
-    return QoSProfile(depth=depth, reliability=policy, history=HistoryPolicy.KEEP_LAST)
-
-
 def _image(width: int, height: int):
     from sensor_msgs.msg import Image
 
@@ -52,7 +45,7 @@ def _image(width: int, height: int):
     return msg
 
 
-def echo(width: int, height: int) -> None:
+def echo(width: int, height: int, reliability: str) -> None:
     """Answer every frame on /frame with ANSWERS images on /answer{k} carrying its header."""
     import rclpy
     from rclpy.executors import ExternalShutdownException
@@ -60,7 +53,8 @@ def echo(width: int, height: int) -> None:
 
     rclpy.init()
     node = rclpy.create_node("dds_transport_echo")
-    answers = [node.create_publisher(Image, f"/answer{k}", _qos(10)) for k in range(ANSWERS)]
+    qos = qos_profile(reliability, 10)
+    answers = [node.create_publisher(Image, f"/answer{k}", qos) for k in range(ANSWERS)]
     payload = _image(width, height)
 
     def on_frame(msg) -> None:
@@ -68,17 +62,18 @@ def echo(width: int, height: int) -> None:
             payload.header = msg.header
             publisher.publish(payload)
 
-    node.create_subscription(Image, "/frame", on_frame, _qos(10))
+    node.create_subscription(Image, "/frame", on_frame, qos)
     try:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
 
 
-def probe(rounds: int, width: int, height: int, timeout_s: float) -> dict:
+def probe(rounds: int, width: int, height: int, timeout_s: float, reliability: str) -> dict:
     """Round trips of one frame and its ANSWERS answers, one at a time, after discovery."""
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
+    from sensor_msgs.msg import Image
 
     rclpy.init()
     node = rclpy.create_node("dds_transport_probe")
@@ -92,8 +87,9 @@ def probe(rounds: int, width: int, height: int, timeout_s: float) -> dict:
         return callback
 
     frame = _image(width, height)
-    subs = [node.create_subscription(type(frame), f"/answer{k}", on_answer(k), _qos(10)) for k in range(ANSWERS)]
-    publisher = node.create_publisher(type(frame), "/frame", _qos(10))
+    qos = qos_profile(reliability, 10)
+    subs = [node.create_subscription(Image, f"/answer{k}", on_answer(k), qos) for k in range(ANSWERS)]
+    publisher = node.create_publisher(Image, "/frame", qos)
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     spinner = threading.Thread(target=executor.spin, daemon=True)
@@ -133,9 +129,8 @@ def measure(setting: str, rounds: int, width: int, height: int, timeout_s: float
     extra = SETTINGS[setting]
     if extra == "profile":
         extra = {var: str(large_image_profile()) for var in PROFILE_VARIABLES}
-    env.update(extra, ROS_DOMAIN_ID=str(random.randint(1, 101)), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-               DDS_TRANSPORT_RELIABILITY=reliability)
-    size = ["--width", str(width), "--height", str(height)]
+    env.update(extra, ROS_DOMAIN_ID=str(random.randint(1, 101)), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
+    size = ["--width", str(width), "--height", str(height), "--reliability", reliability]
     echo_proc = subprocess.Popen([sys.executable, __file__, "--role", "echo", *size], env=env)
     try:
         out = subprocess.run([sys.executable, __file__, "--role", "probe", "--rounds", str(rounds),
@@ -191,10 +186,10 @@ def main() -> int:
     parser.add_argument("--markdown", default=None)
     args = parser.parse_args()
     if args.role == "echo":
-        echo(args.width, args.height)
+        echo(args.width, args.height, args.reliability[0])
         return 0
     if args.role == "probe":
-        print(json.dumps(probe(args.rounds, args.width, args.height, args.timeout)))
+        print(json.dumps(probe(args.rounds, args.width, args.height, args.timeout, args.reliability[0])))
         return 0
     command = " ".join(["python", "benchmarks/dds_transport.py", *sys.argv[1:]])
     results = []

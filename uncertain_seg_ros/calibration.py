@@ -66,10 +66,8 @@ class SelectiveScaler(nn.Module):
         stay in cache (31 vs 85 ms for one pass over a 480x360 frame); on CUDA in one pass.
         """
         rows = x.reshape(-1, x.shape[-1])
-        step = CPU_ROWS if rows.device.type == "cpu" else max(len(rows), 1)
         parts = []
-        for start in range(0, max(len(rows), 1), step):
-            h = rows[start : start + step]
+        for h in rows.split(CPU_ROWS) if rows.device.type == "cpu" else (rows,):
             for layer in self.mlp:
                 h = F.linear(h, layer.weight.flatten(1), layer.bias) if isinstance(layer, nn.Conv2d) else layer(h)
             parts.append(h)

@@ -138,7 +138,6 @@ def environment() -> dict:
         pass
     for var in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "RMW_IMPLEMENTATION"):
         env[var] = os.environ.get(var)
-    env.update(transport_settings())
     return env
 
 
@@ -298,7 +297,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         reference = reference_outputs(reference_predictor, check, 1, desc="reference: torch fp32")
         del reference_predictor
         ros = None if cfg.skip_ros else RosBench(cfg.domain_id, cfg.fastdds_profile)
-        env.update(transport_settings())
+        env.update(transport_settings())  # after RosBench, which may set the profile
         skipped = [{"backend": b, "precision": "*", "reason": availability[b]} for b in cfg.backends if availability.get(b)]
         runnable = [(b, p) for b in cfg.backends if not availability.get(b) for p in precisions]
         rows = []
@@ -376,6 +375,8 @@ def _graph(ros: RosBench, model_path: Path, row: dict, device: str, payloads, cf
     except (RuntimeError, TimeoutError) as exc:
         log.error("%s %s x%d: end-to-end run failed: %s", backend, precision, batch, exc)
         return {"error": str(exc)}
+
+
 def _relative_to_eager(rows: list[dict]) -> None:
     """Speed-up of each row's inference and end-to-end latency over torch fp32 eager at the same batch."""
     eager = {r["batch"]: r for r in rows if r["backend"] == "torch" and r["precision"] == "fp32"}
