@@ -135,6 +135,30 @@ def test_onnxruntime_matches_pytorch_vits14_with_registers(tmp_path):
     assert agreement >= 0.999 and diff <= 1e-3, (agreement, diff)
 
 
+@needs_camvid
+def test_onnxruntime_int8_labels_match_fp32_on_camvid_frames(tmp_path):
+    """The shipped demo with its linear layers quantised to int8 (ONNX Runtime on the CPU), 15
+    dusk/test + 15 day/test frames, three cameras per call: at least 99.5% of pixels labelled as by
+    PyTorch fp32 (the issue's bar for every backend and precision); the cached graph really is int8."""
+    import onnx
+
+    bundle = load_bundle(DEMO)
+    frames = _frames("dusk/test", 15) + _frames("day/test", 15)
+    ref = Predictor(bundle, PredictorOptions(backend="torch"))
+    int8 = Predictor(bundle, PredictorOptions(backend="auto", precision="int8", max_batch=3, cache_dir=str(tmp_path)))
+    assert int8.backend.name == "onnxruntime" and int8.backend.key.options["weights"] == "int8 per channel"
+    same = total = 0
+    for i in range(0, len(frames), 3):
+        for r, o in zip(ref.run(frames[i : i + 3], {"labels"}), int8.run(frames[i : i + 3], {"labels"})):
+            same, total = same + int((r.labels == o.labels).sum()), total + r.labels.size
+    assert same / total >= 0.995, same / total
+    graph = onnx.load(str(ArtifactCache(tmp_path).entry(int8.backend.key) / "model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    linear = sum(isinstance(m, torch.nn.Linear) for m in bundle.model.backbone.modules())
+    assert ops.count("MatMulInteger") == ops.count("DynamicQuantizeLinear") == linear and "Gemm" not in ops
+    assert sorted(p.name for p in (ArtifactCache(tmp_path).entry(int8.backend.key)).iterdir()) == ["key.json", "model.onnx"]
+
+
 def test_predictor_splits_groups_larger_than_max_batch(tiny_bundle, tmp_path):
     bundle = load_bundle(tiny_bundle)
     rng = np.random.default_rng(1)
@@ -264,6 +288,8 @@ def test_unavailable_backends_say_why():
         create_backend("onnxruntime", load_bundle(DEMO), "cpu", "bf16")
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         create_backend("torch", load_bundle(DEMO), "cpu", "fp16")
+    with pytest.raises(ValueError, match="int8 runs on the onnxruntime backend only"):
+        create_backend("torch", load_bundle(DEMO), "cpu", "int8")
 
 
 def test_build_engine_command(tmp_path, capsys):

@@ -94,6 +94,8 @@ def test_flops_equal_a_hand_count():
     assert cost.input_bytes == 3 * 3 * 56 * 70 * 4 and cost.output_bytes == 3 * (classes + 1) * patches * 4
     assert cost.weight_bytes == 4 * sum(p.numel() for p in net.parameters())
     assert network_cost(net, 1, "bf16").weight_bytes == cost.weight_bytes // 2
+    linear = sum(m.weight.numel() for m in net.modules() if isinstance(m, nn.Linear))
+    assert network_cost(net, 1, "int8").weight_bytes == cost.weight_bytes - 3 * linear  # int8 linear weights, float32 rest
 
 
 def test_floor_is_the_binding_limit():
@@ -105,8 +107,8 @@ def test_floor_is_the_binding_limit():
     assert f["bound"] == "compute" and f["floor_s"] == pytest.approx(cost.flops / 1e6)
     f = floor_seconds(cost, memory_bound, "bf16")  # no bf16 peak measured: the fp32 one is used
     assert f["bound"] == "memory" and f["floor_s"] == pytest.approx(cost.bytes / 1e3)
-    peak = measure_peak("cpu", ("fp32", "fp16"), gemm_size=64, copy_mib=1, repeats=1)
-    assert set(peak.flops_per_s) == {"fp32"} and peak.flops_per_s["fp32"] > 0 and peak.bytes_per_s > 0
+    peak = measure_peak("cpu", ("fp32", "fp16", "int8"), gemm_size=64, copy_mib=1, repeats=1)
+    assert set(peak.flops_per_s) == {"fp32", "int8"} and min(peak.flops_per_s.values()) > 0 and peak.bytes_per_s > 0
 
 
 def test_other_load_excludes_this_process():
@@ -168,7 +170,8 @@ def _check_run(run: dict, stages: tuple[str, ...]) -> None:
 
 
 def test_cli_without_ros_writes_json_markdown_and_chart(tiny_bundle, tmp_path, capsys):
-    """torch and ONNX Runtime measured in one run, tensorrt listed as unavailable; --append adds a run."""
+    """torch and ONNX Runtime (fp32 and int8, the CPU's default precisions) measured in one run, tensorrt
+    and torch int8 listed as unavailable; --append adds a run."""
     out = tmp_path / "results"
     args = ["benchmark", "--model", str(tiny_bundle), "--device", "cpu", "--backends", "torch", "onnxruntime", "tensorrt",
             "--frames", str(SAMPLES), "--camera-size", "96x72", "--cameras", "2", "--iterations", "2", "--warmup", "1",
@@ -181,7 +184,9 @@ def test_cli_without_ros_writes_json_markdown_and_chart(tiny_bundle, tmp_path, c
     assert doc["schema"] == SCHEMA and len(doc["runs"]) == 1
     run = doc["runs"][0]
     _check_run(run, STAGES)
-    assert {(r["backend"], r["batch"]) for r in run["rows"]} == {("torch", 1), ("torch", 2), ("onnxruntime", 1), ("onnxruntime", 2)}
+    assert {(r["backend"], r["precision"], r["batch"]) for r in run["rows"]} == {
+        (b, p, n) for b, p in (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")) for n in (1, 2)}
+    assert "onnxruntime backend only" in {(s["backend"], s["precision"]): s["reason"] for s in run["skipped"]}[("torch", "int8")]
     assert run["frames"]["camera_hw"] == [72, 96] and run["frames"]["count"] == 5
     report = (out / "r.md").read_text()
     assert "| onnxruntime | fp32 | 2 |" in report and "ONNX Runtime >= 1.8x" in report and "No GPU" in report

@@ -22,7 +22,10 @@ BACKENDS = ("torch", "torch_compile", "onnxruntime", "tensorrt")
 # On the CPU, eager PyTorch measured faster than ONNX Runtime in one benchmark run
 # (benchmarks/results/inference_cpu.md: ViT-S/14 at 644x476 1079 vs 1302 ms, the demo 65.0 vs 67.8 ms).
 AUTO_ORDER = {"cuda": ("tensorrt", "torch_compile", "torch"), "cpu": ("torch",)}
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Precision -> the float type of the network's inputs and outputs. int8 (ONNX Runtime on the CPU)
+# quantises the linear layers' weights and inputs inside the graph; its inputs and outputs stay float32.
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
+INT8_BACKEND = "onnxruntime"
 
 
 class BackendUnavailable(RuntimeError):
@@ -112,14 +115,21 @@ def create_backend(
     max_batch: int = 1,
     cache: ArtifactCache | None = None,
 ) -> Backend:
-    """The bundle's network behind backend ``name`` (``auto`` allowed), built or loaded from ``cache``."""
+    """The bundle's network behind backend ``name`` (``auto`` allowed), built or loaded from ``cache``.
+
+    ``auto`` with precision int8 means ONNX Runtime, the one backend that runs int8.
+    """
     dev = torch.device(device)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
     if dev.type == "cpu" and precision == "fp16":
-        raise ValueError("precision fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+        raise ValueError("precision fp16 needs a CUDA device; use fp32, bf16 or int8 on the CPU")
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    if precision == "int8":
+        if name not in ("auto", INT8_BACKEND):
+            raise ValueError(f"precision int8 runs on the {INT8_BACKEND} backend only, not {name!r}")
+        name = INT8_BACKEND
     name = choose_backend(name, dev)
     cfg = bundle.config
     network = DeployedNetwork(bundle.model.to(dev), cfg.input.height, cfg.input.width)

@@ -4,6 +4,8 @@ On the CPU the batch goes in as a NumPy view of the tensor (no copy) and the out
 tensors over ONNX Runtime's arrays. On CUDA (an onnxruntime build with the CUDA execution
 provider) inputs and outputs are bound to PyTorch's device memory with I/O binding, so nothing
 crosses to the host. The graph has a dynamic batch axis, so several cameras share one call.
+Precision ``int8`` (CPU only) runs the graph with its linear layers quantised (see
+:mod:`.quantization`); inputs and outputs stay float32.
 """
 import copy
 import logging
@@ -15,6 +17,7 @@ import torch
 from .artifact_cache import ArtifactCache, ArtifactKey, device_name
 from .backend import Backend
 from .network import DeployedNetwork
+from .quantization import quantisation_options, quantise_dynamic_int8
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
@@ -54,13 +57,16 @@ class OnnxRuntimeBackend(Backend):
         import onnxruntime as ort
 
         if precision == "bf16":
-            raise ValueError("the onnxruntime backend runs fp32 (CPU, CUDA) or fp16 (CUDA); bf16 is not supported")
+            raise ValueError("the onnxruntime backend runs fp32 (CPU, CUDA), fp16 (CUDA) or int8 (CPU); bf16 is not supported")
+        if precision == "int8" and device.type != "cpu":
+            raise ValueError("precision int8 runs on the CPU only (ONNX Runtime's dynamically quantised operators)")
         self.key = ArtifactKey(
             model_checksum=model_checksum, backend=self.name,
             versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__, "opset": str(OPSET)},
             device=device_name(device), precision=precision,
-            input_shape=(max_batch, 3, network.height, network.width))
-        folder = cache.get_or_build(self.key, lambda out: export_onnx(network, out / MODEL_FILE, self.dtype, max_batch))
+            input_shape=(max_batch, 3, network.height, network.width),
+            options=quantisation_options() if precision == "int8" else {})
+        folder = cache.get_or_build(self.key, lambda out: self._build(out, network, max_batch))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if device.type == "cpu":
@@ -74,7 +80,16 @@ class OnnxRuntimeBackend(Backend):
             providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(folder / MODEL_FILE), options, providers=providers)
         self.np_dtype = np.float16 if precision == "fp16" else np.float32
-        self._ort = ort
+
+    def _build(self, folder: Path, network: DeployedNetwork, max_batch: int) -> Path:
+        """The ONNX graph in ``folder``: exported in the run's float type, then quantised for int8."""
+        if self.precision != "int8":
+            return export_onnx(network, folder / MODEL_FILE, self.dtype, max_batch)
+        exported = export_onnx(network, folder / "float32.onnx", torch.float32, max_batch)
+        log.info("onnxruntime int8: quantising the linear layers (%s)", quantisation_options())
+        quantise_dynamic_int8(exported, folder / MODEL_FILE)
+        exported.unlink()
+        return folder / MODEL_FILE
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = images.to(self.dtype).contiguous()

@@ -4,15 +4,18 @@ No implementation can run the network faster than ``max(FLOPs / peak FLOP/s, byt
 on a device, so a measured latency is judged against that floor rather than against a guess.
 FLOPs are counted by PyTorch's ``FlopCounterMode`` on the deployed network (matrix products,
 convolutions and attention; element-wise work is not counted). Bytes are the minimum any
-implementation must move: the weights in the run's precision, the input batch and the outputs
-(intermediate activations are left out, as a perfectly fused network would keep them on chip).
-The peaks are measured here, not taken from a datasheet: the best of several large GEMMs for
-FLOP/s and of several large copies for bytes/s.
+implementation must move: the weights in the run's precision (int8: the linear layers' weights
+in one byte, the rest in float32), the input batch and the outputs (intermediate activations are
+left out, as a perfectly fused network would keep them on chip). The peaks are measured here, not
+taken from a datasheet: the best of several large GEMMs for FLOP/s (for int8, ONNX Runtime's
+uint8 x int8 GEMM, the kernel its quantised layers run) and of several large copies for bytes/s.
 """
+import importlib.util
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -67,6 +70,8 @@ def network_cost(network: DeployedNetwork, batch: int = 1, precision: str = "fp3
     selector = network.model.selector  # used by decoding, not by the network call
     unused = sum(p.numel() for p in selector.parameters()) if selector is not None else 0
     weights = (sum(p.numel() for p in network.parameters()) - unused) * itemsize
+    if precision == "int8":  # the quantised linear layers' weights take one byte instead of four
+        weights -= sum(m.weight.numel() for m in network.modules() if isinstance(m, nn.Linear)) * (itemsize - 1)
     return NetworkCost(flops=flops * batch, weight_bytes=weights, input_bytes=x.numel() * x.element_size() * batch,
                        output_bytes=sum(o.numel() for o in outputs) * itemsize * batch)
 
@@ -106,15 +111,20 @@ def measure_peak(device: str | torch.device, precisions: tuple[str, ...] = ("fp3
     """Peak FLOP/s of an ``n x n`` GEMM per precision and copy bandwidth (read + write) of a large tensor.
 
     Defaults: n = 2048 and 256 MiB on the CPU, n = 8192 and 1 GiB on a GPU, large enough that the
-    call overhead is negligible. fp16 is measured on CUDA only; float32 GEMMs run at the precision
-    ``torch.get_float32_matmul_precision()`` allows (TF32 when set to "high"), as the backends do.
+    call overhead is negligible. fp16 is measured on CUDA only, int8 on the CPU only (with ONNX
+    Runtime); float32 GEMMs run at the precision ``torch.get_float32_matmul_precision()`` allows
+    (TF32 when set to "high"), as the backends do.
     """
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     n = gemm_size or (8192 if cuda else 2048)
     flops = {}
     for name in precisions:
-        if name == "fp16" and not cuda:
+        if (name == "fp16" and not cuda) or (name == "int8" and cuda):
+            continue
+        if name == "int8":
+            if importlib.util.find_spec("onnxruntime") is not None:
+                flops[name] = 2 * n**3 / _ort_int8_gemm_seconds(n, repeats)
             continue
         a = torch.randn(n, n, device=dev).to(PRECISIONS[name])
         b = torch.randn(n, n, device=dev).to(PRECISIONS[name])
@@ -127,6 +137,26 @@ def measure_peak(device: str | torch.device, precisions: tuple[str, ...] = ("fp3
     name = torch.cuda.get_device_name(dev) if cuda else _cpu_name()
     details = {"name": name, "threads": torch.get_num_threads(), "float32_matmul_precision": torch.get_float32_matmul_precision()}
     return DevicePeak(str(dev), flops, 2 * src.numel() * 4 / copy_s, n, src.numel() * 4, details)
+
+
+def _ort_int8_gemm_seconds(n: int, repeats: int) -> float:
+    """Fastest of ``repeats`` ONNX Runtime ``MatMulInteger`` calls, uint8 (n, n) x constant int8 (n, n), on the CPU."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    b = numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "b")
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "int8_gemm",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])], initializer=[b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(model)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    a = rng.integers(0, 256, (n, n), dtype=np.uint8)
+    return _best_seconds(lambda: session.run(None, {"a": a}), torch.device("cpu"), repeats)
 
 
 def _cpu_name() -> str:

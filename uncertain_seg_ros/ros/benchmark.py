@@ -94,7 +94,9 @@ class BenchmarkConfig:
     def resolved_precisions(self) -> tuple[str, ...]:
         if self.precisions:
             return self.precisions
-        return ("fp32", "fp16", "bf16") if self.resolved_device().startswith("cuda") else ("fp32",)
+        if self.resolved_device().startswith("cuda"):
+            return ("fp32", "fp16", "bf16")
+        return ("fp32", "int8") if "onnxruntime" in self.backends else ("fp32",)
 
 
 def random_bundle(spec: str, folder: Path, num_classes: int = 11) -> Path:
@@ -340,7 +342,9 @@ def _measure_batch(bundle, runnable: list[tuple[str, str]], device: str, batch: 
         predictor, reason = _predictor(bundle, backend, precision, device, batch, cfg)
         if predictor is None:
             log.warning("%s %s: skipped: %s", backend, precision, reason)
-            skipped.append({"backend": backend, "precision": precision, "reason": reason})
+            entry = {"backend": backend, "precision": precision, "reason": reason}
+            if entry not in skipped:  # the same reason at every batch size
+                skipped.append(entry)
         else:
             predictors[(backend, precision)] = predictor
     pipelines = {}

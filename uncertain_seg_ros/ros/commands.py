@@ -194,7 +194,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS,
                    help="backends to measure (default: all; those unavailable here are reported with the reason)")
     p.add_argument("--precisions", nargs="+", default=None, choices=tuple(PRECISIONS),
-                   help="precisions (default: fp32 on the CPU; fp32 fp16 bf16 on CUDA)")
+                   help="precisions (default: fp32, and int8 for onnxruntime, on the CPU; fp32 fp16 bf16 on CUDA)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--frames", action="append", default=[], metavar="DIR",
                    help="folder of camera frames (repeatable; default: the shipped CamVid dusk samples)")

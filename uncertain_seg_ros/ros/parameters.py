@@ -17,7 +17,7 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "model": ("camvid_demo", "model bundle: a folder path, or the name of a bundle shipped with the package"),
     "backend": ("auto", f"inference backend, one of {BACKENDS}; auto picks the fastest available"),
     "device": ("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N"),
-    "precision": ("fp32", f"network precision, one of {tuple(PRECISIONS)} (fp16 needs CUDA)"),
+    "precision": ("fp32", f"network precision, one of {tuple(PRECISIONS)} (fp16 needs CUDA; int8 runs on onnxruntime on the CPU)"),
     "engine_cache": ("", "folder of compiled artefacts (ONNX, TensorRT); empty: $UNCERTAIN_SEG_CACHE or ~/.cache/uncertain_seg_ros/engines"),
     "camera_topics": (["/camera/image_raw"], "image topics to segment; outputs go under <topic's namespace>/<output_namespace>/"),
     "transport": ("raw", "raw: sensor_msgs/Image on each topic; compressed: sensor_msgs/CompressedImage on <topic>/compressed "

@@ -1,0 +1,56 @@
+"""int8 for ONNX Runtime on the CPU: weights quantised once, activations quantised per call.
+
+Dynamic quantisation (``onnxruntime.quantization.quantize_dynamic``) stores the weights of the
+network's linear layers (Gemm, and MatMul with a constant right-hand side) as int8, one scale per
+output channel, and quantises their inputs to uint8 at run time, so no calibration data is needed
+and a model bundle can be converted on the robot. Attention's activation-by-activation products,
+convolutions, normalisation and the heads' outputs stay float32.
+
+ONNX Runtime multiplies uint8 by int8 with AVX512-VNNI / AVX-VNNI dot products where the CPU has
+them. Without VNNI, x86 CPUs use an instruction that saturates 16-bit sums; ONNX Runtime's advice
+is then to quantise weights to 7 bits (``reduce_range``), which this module does, so the quantised
+graph depends on the CPU and the CPU's VNNI support belongs in the artefact cache key.
+"""
+import logging
+import platform
+from pathlib import Path
+
+QUANTISED_OPS = ("Gemm", "MatMul")
+
+
+def cpu_has_vnni() -> bool:
+    """Whether the CPU multiplies uint8 x int8 without 16-bit saturation (x86 VNNI; every ARM64 CPU)."""
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_vnni", "avx_vnni"})
+    except OSError:
+        pass
+    return False
+
+
+def quantisation_options() -> dict[str, str]:
+    """What the int8 graph depends on besides the model and library versions (for the cache key)."""
+    return {"weights": "int8 per channel", "activations": "uint8 dynamic", "ops": "+".join(QUANTISED_OPS),
+            "reduce_range": str(not cpu_has_vnni()).lower()}
+
+
+def quantise_dynamic_int8(src: str | Path, dst: str | Path) -> Path:
+    """Write the int8 version of the float32 ONNX graph ``src`` to ``dst`` (see the module's docstring)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()  # the quantiser logs every layer it passes over to the root logger
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         reduce_range=not cpu_has_vnni(), op_types_to_quantize=list(QUANTISED_OPS),
+                         extra_options={"MatMulConstBOnly": True})
+    finally:
+        root.setLevel(level)
+    return Path(dst)
