@@ -95,7 +95,9 @@ def test_flops_equal_a_hand_count():
     assert cost.weight_bytes == 4 * sum(p.numel() for p in net.parameters())
     assert network_cost(net, 1, "bf16").weight_bytes == cost.weight_bytes // 2
     linear = sum(m.weight.numel() for m in net.modules() if isinstance(m, nn.Linear))
-    assert network_cost(net, 1, "int8").weight_bytes == cost.weight_bytes - 3 * linear  # int8 linear weights, float32 rest
+    int8 = network_cost(net, 1, "int8")
+    assert int8.weight_bytes == cost.weight_bytes - 3 * linear  # int8 linear weights, float32 rest
+    assert int8.int8_flops == depth * (block - 4 * tokens * tokens * d) and cost.int8_flops == 0  # blocks' linears
 
 
 def test_floor_is_the_binding_limit():
@@ -107,6 +109,9 @@ def test_floor_is_the_binding_limit():
     assert f["bound"] == "compute" and f["floor_s"] == pytest.approx(cost.flops / 1e6)
     f = floor_seconds(cost, memory_bound, "bf16")  # no bf16 peak measured: the fp32 one is used
     assert f["bound"] == "memory" and f["floor_s"] == pytest.approx(cost.bytes / 1e3)
+    int8 = network_cost(net, 1, "int8")
+    f = floor_seconds(int8, DevicePeak("cpu", {"fp32": 1e6, "int8": 4e6}, 1e15, 64, 1), "int8")
+    assert f["compute_s"] == pytest.approx(int8.int8_flops / 4e6 + (int8.flops - int8.int8_flops) / 1e6)
     peak = measure_peak("cpu", ("fp32", "fp16", "int8"), gemm_size=64, copy_mib=1, repeats=1)
     assert set(peak.flops_per_s) == {"fp32", "int8"} and min(peak.flops_per_s.values()) > 0 and peak.bytes_per_s > 0
 

@@ -5,8 +5,9 @@ network's (logits, predicted loss) at patch resolution, on the same device. Whic
 them (PyTorch eager, torch.compile with CUDA graphs, ONNX Runtime, TensorRT) is its business.
 
 ``auto`` prefers, on CUDA: TensorRT, then torch.compile with CUDA graphs, then eager PyTorch; on the
-CPU: ONNX Runtime, then eager PyTorch. The order is the one ``uncertain-seg benchmark`` measured
-(benchmarks/results/inference.md); a backend whose library is missing is passed over.
+CPU: eager PyTorch, which ``uncertain-seg benchmark`` measured faster than ONNX Runtime fp32
+(benchmarks/results/inference_cpu.md); a backend whose library is missing is passed over. Precision
+int8 runs on ONNX Runtime only, so ``auto`` with int8 is ONNX Runtime.
 """
 import importlib.util
 import shutil

@@ -43,12 +43,13 @@ def count_flops(module: nn.Module, *inputs: torch.Tensor) -> int:
 
 @dataclass(frozen=True)
 class NetworkCost:
-    """Work of one network call on a batch: FLOPs and the minimum bytes moved."""
+    """Work of one network call on a batch: FLOPs (``int8_flops`` of them in int8) and the minimum bytes moved."""
 
     flops: int
     weight_bytes: int
     input_bytes: int
     output_bytes: int
+    int8_flops: int = 0
 
     @property
     def bytes(self) -> int:
@@ -64,6 +65,7 @@ def network_cost(network: DeployedNetwork, batch: int = 1, precision: str = "fp3
     device = next(network.parameters()).device
     x = network.example(1, device=device)
     flops = count_flops(network, x)
+    int8_flops = _linear_flops(network, x) if precision == "int8" else 0
     with torch.no_grad():
         outputs = network(x)
     itemsize = PRECISIONS[precision].itemsize
@@ -73,7 +75,25 @@ def network_cost(network: DeployedNetwork, batch: int = 1, precision: str = "fp3
     if precision == "int8":  # the quantised linear layers' weights take one byte instead of four
         weights -= sum(m.weight.numel() for m in network.modules() if isinstance(m, nn.Linear)) * (itemsize - 1)
     return NetworkCost(flops=flops * batch, weight_bytes=weights, input_bytes=x.numel() * x.element_size() * batch,
-                       output_bytes=sum(o.numel() for o in outputs) * itemsize * batch)
+                       output_bytes=sum(o.numel() for o in outputs) * itemsize * batch, int8_flops=int8_flops * batch)
+
+
+def _linear_flops(module: nn.Module, *inputs: torch.Tensor) -> int:
+    """FLOPs of the ``nn.Linear`` layers alone in one forward pass (the layers int8 quantises)."""
+    total = 0
+
+    def count(layer: nn.Linear, args: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        total += 2 * layer.in_features * output.numel()
+
+    hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.no_grad():
+            module(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
 
 
 @dataclass(frozen=True)
@@ -175,10 +195,14 @@ def _cpu_name() -> str:
 def floor_seconds(cost: NetworkCost, peak: DevicePeak, precision: str) -> dict[str, float | str | None]:
     """The roofline floor of one call: compute time, memory time, their maximum and which one binds.
 
-    Without a measured peak for ``precision`` (e.g. bf16 not measured) the fp32 peak is used.
+    Without a measured peak for ``precision`` (e.g. bf16 not measured) the fp32 peak is used. For
+    int8, the quantised layers' FLOPs run at the int8 peak and the rest (attention, convolutions) at fp32's.
     """
     rate = peak.flops_per_s.get(precision) or peak.flops_per_s.get("fp32")
     compute = cost.flops / rate if rate else None
+    fp32_rate = peak.flops_per_s.get("fp32")
+    if precision == "int8" and rate and fp32_rate:
+        compute = cost.int8_flops / rate + (cost.flops - cost.int8_flops) / fp32_rate
     memory = cost.bytes / peak.bytes_per_s
     floor = max(compute or 0.0, memory)
     return {"compute_s": compute, "memory_s": memory, "floor_s": floor,

@@ -308,7 +308,8 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
                 new = _measure_batch(bundle, runnable, device, batch, payloads, check, reference, ros, cfg, skipped)
                 for row in new:
                     cost = costs[(row["precision"], batch)]
-                    row.update(cost={"flops": cost.flops, "bytes": cost.bytes, "weight_bytes": cost.weight_bytes},
+                    row.update(cost={"flops": cost.flops, "int8_flops": cost.int8_flops, "bytes": cost.bytes,
+                                     "weight_bytes": cost.weight_bytes},
                                floor=floor_seconds(cost, peak, row["precision"]))
                     if ros is not None:
                         row["e2e"] = _graph(ros, model_path, row, device, payloads, cfg, work)

@@ -152,7 +152,8 @@ def markdown(doc: dict, chart_link: str | None = None) -> str:
            "- its publish time; **e2e fps**: frames answered per second while frames come at three times that capacity "
            "(the node keeps the newest frame per camera and drops the rest, as with a fast camera)",
            "- **floor**: max(FLOPs / peak FLOP/s, bytes / peak bandwidth) of one network call, both peaks measured on "
-           "the device; **labels = fp32**: fraction of pixels labelled as by PyTorch fp32 eager; **vs eager**: "
+           "the device (int8: the quantised linear layers at ONNX Runtime's int8 GEMM peak, attention and convolutions "
+           "at the fp32 peak); **labels = fp32**: fraction of pixels labelled as by PyTorch fp32 eager; **vs eager**: "
            "inference speed-up over PyTorch fp32 eager at the same batch, in the same run",
            "- **other load**: CPU cores used by other processes during the stage timing / the end-to-end run "
            "(machine-wide busy time minus the benchmark's and the node's own); timings with other load are inflated", ""]
