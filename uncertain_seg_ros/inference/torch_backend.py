@@ -5,7 +5,12 @@ in float32 where PyTorch's autocast rules keep them. The compiled variant compil
 forward as one graph (``fullgraph=True``: a graph break is an error, not a silent slowdown) for
 the fixed input size, and on CUDA replays it as a CUDA graph (``mode="reduce-overhead"``), which
 removes the per-kernel launch cost that dominates a small ViT at batch 1. Every batch size up to
-``max_batch`` is compiled at start-up, not at the first camera frame.
+``max_batch`` is compiled at start-up, not at the first camera frame, on inference tensors as the
+predictor's pre-processing makes them: TorchDynamo guards on a tensor's dispatch keys, so warming up
+on ordinary tensors compiled graphs that the first real frames missed, and each batch size was
+compiled again at run time (about 2 s per size on the CPU, seen as a 1.5-2 s first round in the node).
+Inputs are made contiguous for the same reason: the guards include strides, and pre-processing
+may hand over a channels-last view.
 """
 import contextlib
 import logging
@@ -23,6 +28,7 @@ class TorchBackend(Backend):
     def __init__(self, network: DeployedNetwork, device: torch.device, precision: str, max_batch: int, compile: bool) -> None:
         super().__init__(network, device, precision, max_batch)
         self.name = "torch_compile" if compile else "torch"
+        self.compiled = compile
         self.cuda_graphs = compile and device.type == "cuda"
         self._fn = network
         if compile:
@@ -31,8 +37,10 @@ class TorchBackend(Backend):
             start = time.perf_counter()
             for batch in range(1, max_batch + 1):
                 log.info("torch.compile (%s, %s): compiling for batch %d of %d", mode, precision, batch, max_batch)
+                with torch.inference_mode():
+                    example = network.example(batch, device=device)
                 for _ in range(3 if self.cuda_graphs else 1):  # CUDA graphs are recorded on a later call
-                    self(network.example(batch, device=device))
+                    self(example)
             log.info("torch.compile ready in %.1f s", time.perf_counter() - start)
 
     def _autocast(self):
@@ -42,6 +50,8 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.compiled:  # the graphs were compiled for contiguous NCHW inputs (guards include strides)
+            images = images.contiguous()
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with self._autocast():
