@@ -122,7 +122,7 @@ def test_other_load_excludes_this_process():
     with OtherLoad() as busy:
         sum(i * i for i in range(2_000_000))
     assert idle.cores is not None and busy.cores is not None
-    assert 0 <= busy.cores <= os.cpu_count()
+    assert 0 <= busy.cores <= os.cpu_count() and 0 <= busy.steal <= os.cpu_count()
 
 
 def test_agreement_counts_pixels():
@@ -170,6 +170,7 @@ def _check_run(run: dict, stages: tuple[str, ...]) -> None:
             assert s["n"] > 0 and math.isfinite(s["median_ms"]) and s["p95_ms"] >= s["median_ms"] > 0
         assert row["cost"]["flops"] > 0 and row["floor"]["floor_s"] > 0 and row["pipeline_fps"] > 0
         assert row["speedup_vs_torch_fp32"]["inference"] > 0 and row["other_load_cores"] >= 0
+        assert row["steal_cores"] >= 0
     for row in [r for r in run["rows"] if r["batch"] == run["cameras"]]:
         assert row["agreement"]["label_agreement"] >= 0.99 and row["agreement"]["frames"] == run["frames"]["count"]
 

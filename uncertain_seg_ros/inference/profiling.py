@@ -132,13 +132,16 @@ class OtherLoad:
     Timings on a shared machine mean little without it: machine-wide busy time from /proc/stat,
     minus this process's own CPU time and that of ``pids`` (e.g. the node process being measured),
     divided by the wall time. 2.0 on a 2-core machine: somebody else kept both cores busy.
+    ``steal``: cores' worth of time the hypervisor gave to other virtual machines (a VM's CPUs can
+    be slowed by neighbours that no process list shows).
     """
 
     def __init__(self, pids: Sequence[int] = ()) -> None:
         self.pids = list(pids)
         self.cores: float | None = None
+        self.steal: float | None = None
 
-    def _sample(self) -> tuple[float, float, float] | None:
+    def _sample(self) -> tuple[float, float, float, float] | None:
         try:
             with open("/proc/stat") as f:
                 fields = [int(v) for v in f.readline().split()[1:]]
@@ -151,7 +154,8 @@ class OtherLoad:
         except (OSError, ValueError, IndexError):
             return None
         busy = (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / ticks  # user nice system irq softirq
-        return time.monotonic(), busy, mine
+        steal = fields[7] / ticks if len(fields) > 7 else 0.0
+        return time.monotonic(), busy, mine, steal
 
     def __enter__(self) -> "OtherLoad":
         self._start = self._sample()
@@ -160,8 +164,9 @@ class OtherLoad:
     def __exit__(self, *exc) -> None:
         end = self._sample()
         if self._start is not None and end is not None and end[0] > self._start[0]:
-            wall, busy, mine = (e - s for e, s in zip(end, self._start))
+            wall, busy, mine, steal = (e - s for e, s in zip(end, self._start))
             self.cores = max(0.0, (busy - mine) / wall)
+            self.steal = max(0.0, steal / wall)
 
 
 def reference_outputs(predictor: Predictor, frames: Sequence[np.ndarray], batch: int = 1,

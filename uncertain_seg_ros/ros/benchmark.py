@@ -251,6 +251,7 @@ class RosBench:
             return {"latency": summarize(paced.latencies), "latencies_ms": [round(v * 1e3, 2) for v in paced.latencies],
                     "rate_hz": rate, "sent": paced.sent, "answered": paced.answered,
                     "lost": paced.lost, "throughput_fps": flood.fps, "other_load_cores": load.cores,
+                    "steal_cores": load.steal,
                     "throughput_run": {"rate_hz": FLOOD_FACTOR / single, "sent": flood.sent, "answered": flood.answered,
                                        "lost": flood.lost, "duration_s": flood.duration_s,
                                        "latency": summarize(flood.latencies)}}
@@ -361,7 +362,7 @@ def _measure_batch(bundle, runnable: list[tuple[str, str]], device: str, batch: 
         s = samples[(backend, precision)]
         row = {"backend": backend, "precision": precision, "batch": batch, "describe": predictor.backend.describe(),
                "stages": {name: summarize(v) for name, v in s.items() if name != "total"}, "pipeline": summarize(s["total"]),
-               "other_load_cores": load.cores}
+               "other_load_cores": load.cores, "steal_cores": load.steal}
         row["pipeline_fps"] = batch * 1e3 / row["pipeline"]["median_ms"]
         if batch == max(1, cfg.cameras):
             outputs = reference_outputs(predictor, check, batch, desc=f"{backend} {precision} x{batch}: agreement")

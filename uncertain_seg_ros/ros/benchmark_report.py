@@ -40,9 +40,9 @@ def _agree(agreement: dict | None) -> str:
     return f"{agreement['label_agreement']:.3%}" if agreement else "-"
 
 
-def _load(row: dict) -> str:
-    """CPU cores other processes used during the stage timing / the end-to-end run."""
-    values = (row.get("other_load_cores"), _e2e(row).get("other_load_cores"))
+def _load(row: dict, key: str = "other_load_cores") -> str:
+    """CPU cores other processes used (or the hypervisor stole) during the stage timing / the end-to-end run."""
+    values = (row.get(key), _e2e(row).get(key))
     return " / ".join("-" if v is None else f"{v:.1f}" for v in values)
 
 
@@ -100,7 +100,7 @@ def _columns(run: dict) -> list[str]:
 def table(run: dict) -> str:
     """A plain-text table of one run for the terminal: median (p95) ms per stage, end to end, throughput."""
     stages = _columns(run)
-    head = ["backend", "prec", "B", *stages, "pipeline", "fps", "e2e", "e2e fps", "e2e/inf", "floor", "agree", "vs eager", "other load"]
+    head = ["backend", "prec", "B", *stages, "pipeline", "fps", "e2e", "e2e fps", "e2e/inf", "floor", "agree", "vs eager", "other load", "steal"]
     lines = [head]
     for r in run["rows"]:
         a = r.get("agreement")
@@ -108,7 +108,8 @@ def table(run: dict) -> str:
                       _cell(r["pipeline"]), f"{r['pipeline_fps']:.1f}", _cell(_e2e(r).get("latency")),
                       f"{_e2e(r)['throughput_fps']:.1f}" if "throughput_fps" in _e2e(r) else _e2e(r).get("error", "-")[:20],
                       _ratio(r.get("e2e_over_inference")), _ms(_floor_ms(r)),
-                      _agree(a), _ratio(r["speedup_vs_torch_fp32"]["inference"]), _load(r)])
+                      _agree(a), _ratio(r["speedup_vs_torch_fp32"]["inference"]), _load(r),
+                      _load(r, "steal_cores")])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
@@ -156,7 +157,8 @@ def markdown(doc: dict, chart_link: str | None = None) -> str:
            "at the fp32 peak); **labels = fp32**: fraction of pixels labelled as by PyTorch fp32 eager; **vs eager**: "
            "inference speed-up over PyTorch fp32 eager at the same batch, in the same run",
            "- **other load**: CPU cores used by other processes during the stage timing / the end-to-end run "
-           "(machine-wide busy time minus the benchmark's and the node's own); timings with other load are inflated", ""]
+           "(machine-wide busy time minus the benchmark's and the node's own); **steal**: cores' worth of time the "
+           "hypervisor gave to other virtual machines, same two periods; timings with other load or steal are inflated", ""]
     for run in doc["runs"]:
         out += _run_markdown(run)
     if chart_link:
@@ -187,7 +189,7 @@ def _run_markdown(run: dict) -> list[str]:
         out.append(f"- Note: {run['note']}")
     out += ["", "| backend | precision | cameras | " + " | ".join(stages)
             + " | pipeline | e2e | e2e fps | e2e / inference | floor | inference / floor | labels = fp32 | vs eager "
-            "| other load |", "|" + "---|" * (len(stages) + 12)]
+            "| other load | steal |", "|" + "---|" * (len(stages) + 13)]
     for r in run["rows"]:
         a, e = r.get("agreement"), _e2e(r)
         fps = f"{e['throughput_fps']:.1f}" if "throughput_fps" in e else ("failed" if "error" in e else "-")
@@ -195,7 +197,8 @@ def _run_markdown(run: dict) -> list[str]:
                    + " | ".join(_cell(r["stages"].get(s)) for s in stages)
                    + f" | {_cell(r['pipeline'])} | {_cell(e.get('latency'))} | {fps} | {_ratio(r.get('e2e_over_inference'))} "
                    f"| {_ms(_floor_ms(r))} | {_ratio(r['stages']['inference']['median_ms'] / _floor_ms(r), 1)} "
-                   f"| {_agree(a)} | {_ratio(r['speedup_vs_torch_fp32']['inference'])} | {_load(r)} |")
+                   f"| {_agree(a)} | {_ratio(r['speedup_vs_torch_fp32']['inference'])} | {_load(r)} "
+                   f"| {_load(r, 'steal_cores')} |")
     if run["skipped"]:
         out += ["", "Not run here:"] + [f"- {s['backend']} {s['precision']}: {s['reason']}" for s in run["skipped"]]
     checks = targets(run)
