@@ -11,6 +11,7 @@ them. Without VNNI, x86 CPUs use an instruction that saturates 16-bit sums; ONNX
 is then to quantise weights to 7 bits (``reduce_range``), which this module does, so the quantised
 graph depends on the CPU and the CPU's VNNI support belongs in the artefact cache key.
 """
+import functools
 import logging
 import platform
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 QUANTISED_OPS = ("Gemm", "MatMul")
 
 
+@functools.cache
 def cpu_has_vnni() -> bool:
     """Whether the CPU multiplies uint8 x int8 without 16-bit saturation (x86 VNNI; every ARM64 CPU)."""
     machine = platform.machine().lower()

@@ -65,9 +65,8 @@ def network_cost(network: DeployedNetwork, batch: int = 1, precision: str = "fp3
     device = next(network.parameters()).device
     x = network.example(1, device=device)
     flops = count_flops(network, x)
-    int8_flops = _linear_flops(network, x) if precision == "int8" else 0
-    with torch.no_grad():
-        outputs = network(x)
+    outputs, linear_flops = _run_counting_linear(network, x)
+    int8_flops = linear_flops if precision == "int8" else 0
     itemsize = PRECISIONS[precision].itemsize
     selector = network.model.selector  # used by decoding, not by the network call
     unused = sum(p.numel() for p in selector.parameters()) if selector is not None else 0
@@ -78,8 +77,8 @@ def network_cost(network: DeployedNetwork, batch: int = 1, precision: str = "fp3
                        output_bytes=sum(o.numel() for o in outputs) * itemsize * batch, int8_flops=int8_flops * batch)
 
 
-def _linear_flops(module: nn.Module, *inputs: torch.Tensor) -> int:
-    """FLOPs of the ``nn.Linear`` layers alone in one forward pass (the layers int8 quantises)."""
+def _run_counting_linear(module: nn.Module, *inputs: torch.Tensor) -> tuple[object, int]:
+    """``module``'s outputs and the FLOPs of its ``nn.Linear`` layers alone (the layers int8 quantises)."""
     total = 0
 
     def count(layer: nn.Linear, args: tuple, output: torch.Tensor) -> None:
@@ -89,11 +88,11 @@ def _linear_flops(module: nn.Module, *inputs: torch.Tensor) -> int:
     hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, nn.Linear)]
     try:
         with torch.no_grad():
-            module(*inputs)
+            outputs = module(*inputs)
     finally:
         for h in hooks:
             h.remove()
-    return total
+    return outputs, total
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ removes the per-kernel launch cost that dominates a small ViT at batch 1. Every 
 predictor's pre-processing makes them: TorchDynamo guards on a tensor's dispatch keys, so warming up
 on ordinary tensors compiled graphs that the first real frames missed, and each batch size was
 compiled again at run time (about 2 s per size on the CPU, seen as a 1.5-2 s first round in the node).
-Inputs are made contiguous for the same reason: the guards include strides, and pre-processing
-may hand over a channels-last view.
+The guards include strides too: pre-processing hands over contiguous NCHW, and other callers'
+inputs are made contiguous.
 """
 import contextlib
 import logging

@@ -344,9 +344,7 @@ def _measure_batch(bundle, runnable: list[tuple[str, str]], device: str, batch: 
         predictor, reason = _predictor(bundle, backend, precision, device, batch, cfg)
         if predictor is None:
             log.warning("%s %s: skipped: %s", backend, precision, reason)
-            entry = {"backend": backend, "precision": precision, "reason": reason}
-            if entry not in skipped:  # the same reason at every batch size
-                skipped.append(entry)
+            skipped.append({"backend": backend, "precision": precision, "reason": reason})
         else:
             predictors[(backend, precision)] = predictor
     pipelines = {}
