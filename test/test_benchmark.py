@@ -76,6 +76,39 @@ def test_pipelines_take_turns_round_by_round():
     assert all(len(samples[k]["work"]) == len(samples[k]["total"]) == 3 for k in pipelines)
 
 
+def test_settle_runs_between_pipelines_outside_the_timers():
+    """Background work a round leaves (subscribers taking what was published) is waited for after
+    each pipeline's round, before the next pipeline's first stage starts its timer."""
+    calls = []
+    pipelines = {k: [("work", lambda batch, k=k: calls.append((k, batch)))] for k in ("a", "b")}
+    samples = time_pipelines(pipelines, range(2), "cpu", warmup=0, settle=lambda: calls.append("settle"))
+    assert calls == [("a", 0), "settle", ("b", 0), "settle", ("b", 1), "settle", ("a", 1), "settle"]
+    assert set(samples["a"]) == {"work", "total"}
+
+
+def test_published_stage_messages_are_drained(tiny_bundle, monkeypatch):
+    """The ROS stages through real rclpy: every published output message is taken by this process's
+    subscribers by the time ``drain`` returns, so none of that work is left for the next stage."""
+    from uncertain_seg_ros.ros.benchmark import RosBench
+    from uncertain_seg_ros.ros.dds_transport import USER_TRANSPORT_VARIABLES
+
+    for var in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", *USER_TRANSPORT_VARIABLES):
+        monkeypatch.delenv(var, raising=False)  # RosBench sets them for this process; restored afterwards
+    predictor = Predictor(load_bundle(tiny_bundle), PredictorOptions())
+    outputs = predictor.run(_frames(3))
+    ros = RosBench(None, "shipped")
+    try:
+        kinds = ("labels", "overlay", "uncertainty_color")
+        (_, convert), (_, publish) = ros.stages(kinds, "mono8")
+        for _ in range(4):
+            publish(convert(outputs))
+            ros.drain(timeout=30)
+            assert ros.in_flight == 0
+        assert ros.published == 4 * len(outputs) * len(kinds)
+    finally:
+        ros.close()
+
+
 def test_flops_equal_a_hand_count():
     """Linear layers: 2*M*N*K; the tiny network: patch embedding, blocks (with attention, which
     PyTorch's counter misses on the CPU unless taught) and both heads, counted by hand."""

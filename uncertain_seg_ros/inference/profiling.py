@@ -90,12 +90,15 @@ def time_stages(stages: Sequence[Stage], batches: Iterable[Any], device: str | t
 
 
 def time_pipelines(pipelines: Mapping[Hashable, Sequence[Stage]], batches: Iterable[Any], device: str | torch.device,
-                   warmup: int = 2, desc: str | None = None) -> dict[Hashable, dict[str, list[float]]]:
+                   warmup: int = 2, desc: str | None = None,
+                   settle: Callable[[], None] | None = None) -> dict[Hashable, dict[str, list[float]]]:
     """:func:`time_stages` for several pipelines (e.g. backends), interleaved batch by batch.
 
     Each batch goes through every pipeline before the next batch, the order rotating, so a change
     in background load during the measurement affects every pipeline alike and their ratios stay
-    fair.
+    fair. ``settle`` runs untimed after each pipeline's round: work that a stage leaves running in
+    the background (a subscriber in this process taking what was published) finishes there
+    instead of slowing the next round's first stage.
     """
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -110,6 +113,8 @@ def time_pipelines(pipelines: Mapping[Hashable, Sequence[Stage]], batches: Itera
                 value = fn(value)
                 sync()
                 times[name] = time.perf_counter() - start
+            if settle is not None:
+                settle()
             if i >= warmup:
                 for name, seconds in times.items():
                     samples[key][name].append(seconds)

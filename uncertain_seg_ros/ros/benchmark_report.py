@@ -147,7 +147,9 @@ def markdown(doc: dict, chart_link: str | None = None) -> str:
            "- **decode**: message payload -> RGB array (the node's image_encoding code)",
            "- **preprocess**: upload, resize, normalise; **inference**: the backend's network call; **postprocess**: "
            "decode, calibrate, uncertainty, colour, overlay, download of the subscribed outputs",
-           "- **convert**: arrays -> `sensor_msgs/Image`; **publish**: rclpy publish to a subscriber",
+           "- **convert**: arrays -> `sensor_msgs/Image`; **publish**: rclpy publish to a subscriber in the benchmark's "
+           "process (the publish calls, what the node's thread pays; the subscriber's taking them is waited for "
+           "untimed before the next round)",
            "- **e2e**: perception_node in its own process on a private ROS 2 domain, frames published reliable at a "
            "fixed rate (half the node's measured capacity unless `--rate`), latency = arrival of a frame's last output "
            "- its publish time; **e2e fps**: frames answered per second while frames come at three times that capacity "
