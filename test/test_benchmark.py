@@ -257,3 +257,5 @@ def test_cli_through_a_real_ros_graph(tiny_bundle, tmp_path):
         assert e2e["sent"] == 3 * row["batch"] and e2e["answered"] + e2e["lost"] == e2e["sent"] and e2e["answered"] > 0
         assert e2e["latency"]["n"] == e2e["answered"] and e2e["latency"]["median_ms"] > 0
         assert e2e["throughput_fps"] > 0 and row["e2e_over_inference"] > 0 and e2e["other_load_cores"] >= 0
+        assert 1.0 <= e2e["batch_size_mean"] <= row["batch"]  # as the node reported it on /diagnostics
+    assert run["batch_window_ms"] == 50.0

@@ -249,7 +249,7 @@ def test_diagnostics_content(graph):
     outputs_for(graph, CAMERAS[1], stamp)
     s = latest_status(graph, CAMERAS[1], lambda s: int(s["frames_processed"]) >= 1)
     for key in ("input_rate_hz", "output_rate_hz", "latency_p50_ms", "latency_p95_ms", "frames_dropped",
-                "frames_rate_limited", "uncertain_fraction", "uncertainty_alarm"):
+                "frames_rate_limited", "uncertain_fraction", "uncertainty_alarm", "batch_size_mean"):
         assert math.isfinite(float(s[key])), key
     assert s["backend"] == "torch" and s["device"] == "cpu" and s["model_id"] == graph["bundle"].model_id
     alarm = float(s["uncertain_fraction"]) > float(s["uncertainty_alarm"])
@@ -297,6 +297,8 @@ def test_compressed_transport_and_corrupt_jpeg(graph, tmp_path):
 @pytest.mark.parametrize("param, value, message", [
     ("backend", "cuda_magic", "parameter 'backend' is 'cuda_magic'; allowed: auto, torch, torch_compile, onnxruntime, tensorrt"),
     ("overlay_alpha", "1.5", "parameter 'overlay_alpha' is 1.5; it must be in [0.0, 1.0]"),
+    ("batch_window_ms", "-5.0", "parameter 'batch_window_ms' is -5.0; it must be >= 0.0"),
+    ("batch_window_ms", "soon", "parameter 'batch_window_ms' is 'soon'; it must be a number"),
     ("outputs", "[labels,depth]", "parameter 'outputs' is 'depth'; allowed"),
     ("model", "/nonexistent/bundle", "neither a folder nor a shipped bundle"),
 ])
@@ -322,13 +324,52 @@ def test_incompatible_qos_is_reported(graph, tmp_path):
         node.stop()
 
 
+def test_batch_window_gathers_cameras_into_one_call(graph, tmp_path):
+    """batch_window_ms: a frame waits for the other camera's frame and both go through one call
+    (diagnostics report the batch size); a camera whose partner sends nothing is answered once the
+    window has passed, not starved."""
+    cams = ["/cam_w1/image_raw", "/cam_w2/image_raw"]
+    node = NodeProcess({"model": str(graph["bundle"].path), "device": "cpu", "input_qos": "reliable",
+                        "batch_window_ms": "1500", "diagnostics_period": "0.25",
+                        "camera_topics": "[" + ",".join(cams) + "]"}, tmp_path / "node.log")
+    tester = Tester("window_tester")
+    try:
+        for cam in cams:
+            tester.publisher(Image, cam)
+            tester.subscribe(Image, f"{cam.rsplit('/', 1)[0]}/segmentation/labels")
+        tester.subscribe(DiagnosticArray, "/diagnostics")
+        tester.connected(timeout=90)
+        view = {"tester": tester}
+        for cam in cams:
+            latest_status(view, cam, lambda s: s["outputs_subscribed"] == "labels", 60)
+        labels = {cam: cam.rsplit("/", 1)[0] + "/segmentation/labels" for cam in cams}
+        stamp = next_stamp()
+        tester.pubs[cams[0]].publish(raw_message(scene(seed=30), "rgb8", stamp))
+        time.sleep(0.3)
+        tester.pubs[cams[1]].publish(raw_message(scene(seed=31), "rgb8", stamp))
+        tester.wait(lambda: all(tester.messages(labels[c], stamp) for c in cams), 30, "outputs of both cameras")
+        for cam in cams:
+            status = latest_status(view, cam, lambda s: int(s["frames_processed"]) >= 1 and s["batch_size_mean"] != "nan")
+            assert status["batch_size_mean"] == "2.00", (cam, status)
+
+        lone = next_stamp()
+        sent = time.monotonic()
+        tester.pubs[cams[0]].publish(raw_message(scene(seed=32), "rgb8", lone))
+        tester.wait(lambda: tester.messages(labels[cams[0]], lone), 30, "output of the lone frame")
+        assert time.monotonic() - sent >= 1.4  # it waited out the window for the silent camera, then ran alone
+        assert node.alive()
+    finally:
+        tester.close()
+        node.stop()
+
+
 def test_onnxruntime_backend_through_the_graph(graph, tmp_path):
     """backend=onnxruntime, two cameras batched into one call: labels equal the core's PyTorch result,
     uncertainty within 1e-3, and /diagnostics names the backend."""
     cams = ["/cam_o1/image_raw", "/cam_o2/image_raw"]
     node = NodeProcess({"model": str(graph["bundle"].path), "device": "cpu", "backend": "onnxruntime",
                         "engine_cache": str(tmp_path / "engines"), "input_qos": "reliable", "diagnostics_period": "0.5",
-                        "camera_topics": "[" + ",".join(cams) + "]"}, tmp_path / "node.log")
+                        "batch_window_ms": "2000", "camera_topics": "[" + ",".join(cams) + "]"}, tmp_path / "node.log")
     tester = Tester("onnx_tester")
     try:
         for cam in cams:
@@ -352,8 +393,8 @@ def test_onnxruntime_backend_through_the_graph(graph, tmp_path):
             assert np.array_equal(as_array(tester.messages(f"{ns}/labels", stamp)[0]), ref.labels[0].numpy())
             np.testing.assert_allclose(as_array(tester.messages(f"{ns}/uncertainty", stamp)[0]),
                                        ref.uncertainty[0].numpy(), atol=1e-3)
-        status = latest_status(view, cams[0], lambda s: int(s["frames_processed"]) >= 1)
-        assert status["backend"] == "onnxruntime"
+        status = latest_status(view, cams[0], lambda s: int(s["frames_processed"]) >= 1 and s["batch_size_mean"] != "nan")
+        assert status["backend"] == "onnxruntime" and status["batch_size_mean"] == "2.00"
         assert list((tmp_path / "engines").glob("onnxruntime-*/model.onnx"))
     finally:
         tester.close()

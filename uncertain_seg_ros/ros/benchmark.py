@@ -77,6 +77,7 @@ class BenchmarkConfig:
     warmup: int = 3
     e2e_frames: int = 20
     rate_hz: float | None = None
+    batch_window_ms: float = 50.0
     agreement_frames: int | None = None
     outputs: tuple[str, ...] = OUTPUT_KINDS
     skip_ros: bool = False
@@ -250,7 +251,8 @@ class RosBench:
         params = {"model": str(model), "backend": backend, "precision": precision, "device": device,
                   "camera_topics": f"[{','.join(topics)}]", "transport": "compressed" if compressed else "raw",
                   "input_qos": "reliable", "input_depth": "2", "outputs": f"[{','.join(cfg.outputs)}]",
-                  "diagnostics_period": "0.25", "engine_cache": str(cfg.cache_dir or default_cache_dir())}
+                  "diagnostics_period": "0.25", "engine_cache": str(cfg.cache_dir or default_cache_dir()),
+                  "batch_window_ms": str(float(cfg.batch_window_ms))}
         proc = start_node(params, log_path)
         node = rclpy.create_node(f"uncertain_seg_benchmark_probe{self._runs}", context=self.context)
         self.executor.add_node(node)
@@ -276,10 +278,12 @@ class RosBench:
                      cameras, single * 1e3, rate, FLOOD_FACTOR / single)
             with OtherLoad([proc.pid]) as load:
                 paced = probe.paced(frames, cfg.e2e_frames, rate, timeout=wait)
+                batch_size = monitor.batch_size_mean(topics)
                 flood = probe.paced(frames, cfg.e2e_frames, FLOOD_FACTOR / single, timeout=wait)
             return {"latency": summarize(paced.latencies), "latencies_ms": [round(v * 1e3, 2) for v in paced.latencies],
                     "rate_hz": rate, "sent": paced.sent, "answered": paced.answered,
-                    "lost": paced.lost, "throughput_fps": flood.fps, "other_load_cores": load.cores,
+                    "lost": paced.lost, "batch_size_mean": batch_size, "throughput_fps": flood.fps,
+                    "other_load_cores": load.cores,
                     "steal_cores": load.steal,
                     "throughput_run": {"rate_hz": FLOOD_FACTOR / single, "sent": flood.sent, "answered": flood.answered,
                                        "lost": flood.lost, "duration_s": flood.duration_s,
@@ -357,7 +361,8 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         "device": device, "environment": env, "device_peak": peak.to_dict(), "model": model,
         "frames": {"folders": [str(f) for f in cfg.frames], "count": len(frames), "camera_hw": list(frames[0].shape[:2]),
                    "encoding": cfg.encoding, "agreement_frames": len(check)},
-        "outputs": list(cfg.outputs), "cameras": cfg.cameras, "iterations": cfg.iterations, "warmup": cfg.warmup,
+        "outputs": list(cfg.outputs), "cameras": cfg.cameras,
+        "batch_window_ms": None if cfg.skip_ros else cfg.batch_window_ms, "iterations": cfg.iterations, "warmup": cfg.warmup,
         "e2e_frames": None if cfg.skip_ros else cfg.e2e_frames,
         "backends_available": availability, "skipped": skipped, "rows": rows,
     }

@@ -100,14 +100,14 @@ def _columns(run: dict) -> list[str]:
 def table(run: dict) -> str:
     """A plain-text table of one run for the terminal: median (p95) ms per stage, end to end, throughput."""
     stages = _columns(run)
-    head = ["backend", "prec", "B", *stages, "pipeline", "fps", "e2e", "e2e fps", "e2e/inf", "floor", "agree", "vs eager", "other load", "steal"]
+    head = ["backend", "prec", "B", *stages, "pipeline", "fps", "e2e", "e2e fps", "e2e batch", "e2e/inf", "floor", "agree", "vs eager", "other load", "steal"]
     lines = [head]
     for r in run["rows"]:
         a = r.get("agreement")
         lines.append([r["backend"], r["precision"], str(r["batch"]), *(_cell(r["stages"].get(s)) for s in stages),
                       _cell(r["pipeline"]), f"{r['pipeline_fps']:.1f}", _cell(_e2e(r).get("latency")),
                       f"{_e2e(r)['throughput_fps']:.1f}" if "throughput_fps" in _e2e(r) else _e2e(r).get("error", "-")[:20],
-                      _ratio(r.get("e2e_over_inference")), _ms(_floor_ms(r)),
+                      _batch(_e2e(r)), _ratio(r.get("e2e_over_inference")), _ms(_floor_ms(r)),
                       _agree(a), _ratio(r["speedup_vs_torch_fp32"]["inference"]), _load(r),
                       _load(r, "steal_cores")])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
@@ -138,6 +138,11 @@ def _floor_line(run: dict) -> str:
             f"{per_frame}")
 
 
+def _batch(e2e: dict) -> str:
+    value = e2e.get("batch_size_mean")
+    return "-" if value is None else f"{value:.2f}"
+
+
 def markdown(doc: dict, chart_link: str | None = None) -> str:
     """The Markdown report of every run in ``doc``; ``chart_link``: the chart's path relative to the report."""
     out = ["# Inference benchmark", "",
@@ -153,7 +158,9 @@ def markdown(doc: dict, chart_link: str | None = None) -> str:
            "- **e2e**: perception_node in its own process on a private ROS 2 domain, frames published reliable at a "
            "fixed rate (half the node's measured capacity unless `--rate`), latency = arrival of a frame's last output "
            "- its publish time; **e2e fps**: frames answered per second while frames come at three times that capacity "
-           "(the node keeps the newest frame per camera and drops the rest, as with a fast camera)",
+           "(the node keeps the newest frame per camera and drops the rest, as with a fast camera); **e2e batch**: "
+           "frames per network call as the node reported it on /diagnostics during the latency run (the node waits "
+           "up to the run's `batch_window_ms` for every camera's frame)",
            "- **floor**: max(FLOPs / peak FLOP/s, bytes / peak bandwidth) of one network call, both peaks measured on "
            "the device (int8: the quantised linear layers at ONNX Runtime's int8 GEMM peak, attention and convolutions "
            "at the fp32 peak); **labels = fp32**: fraction of pixels labelled as by PyTorch fp32 eager; **vs eager**: "
@@ -181,7 +188,9 @@ def _run_markdown(run: dict) -> list[str]:
            f"- Model: {m['parameters'] / 1e6:.1f} M parameters, id `{m['model_id']}`{weights}.",
            f"- Frames: {f['count']} ({', '.join(f['folders'])}), {f['encoding']}, {f['camera_hw'][1]}x{f['camera_hw'][0]}; "
            f"outputs: {', '.join(run['outputs'])}; {run['iterations']} timed rounds after {run['warmup']} warm-up"
-           + (f"; {run['e2e_frames']} frames per camera end to end." if run.get("e2e_frames") else "; no ROS graph (--skip-ros)."),
+           + (f"; {run['e2e_frames']} frames per camera end to end"
+              + (f", node batch_window_ms {run['batch_window_ms']:g}." if run.get("batch_window_ms") is not None else ".")
+              if run.get("e2e_frames") else "; no ROS graph (--skip-ros)."),
            f"- Machine: {run['device_peak'].get('name')}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads"
            + (f", GPU {env['gpu']}" if env.get("gpu") else "") + f"; torch {env['torch']}"
            + (f", onnxruntime {env['onnxruntime']}" if env.get("onnxruntime") else "")
@@ -190,14 +199,15 @@ def _run_markdown(run: dict) -> list[str]:
     if run.get("note"):
         out.append(f"- Note: {run['note']}")
     out += ["", "| backend | precision | cameras | " + " | ".join(stages)
-            + " | pipeline | e2e | e2e fps | e2e / inference | floor | inference / floor | labels = fp32 | vs eager "
-            "| other load | steal |", "|" + "---|" * (len(stages) + 13)]
+            + " | pipeline | e2e | e2e fps | e2e batch | e2e / inference | floor | inference / floor | labels = fp32 "
+            "| vs eager | other load | steal |", "|" + "---|" * (len(stages) + 14)]
     for r in run["rows"]:
         a, e = r.get("agreement"), _e2e(r)
         fps = f"{e['throughput_fps']:.1f}" if "throughput_fps" in e else ("failed" if "error" in e else "-")
         out.append(f"| {r['backend']} | {r['precision']} | {r['batch']} | "
                    + " | ".join(_cell(r["stages"].get(s)) for s in stages)
-                   + f" | {_cell(r['pipeline'])} | {_cell(e.get('latency'))} | {fps} | {_ratio(r.get('e2e_over_inference'))} "
+                   + f" | {_cell(r['pipeline'])} | {_cell(e.get('latency'))} | {fps} | {_batch(e)} "
+                   f"| {_ratio(r.get('e2e_over_inference'))} "
                    f"| {_ms(_floor_ms(r))} | {_ratio(r['stages']['inference']['median_ms'] / _floor_ms(r), 1)} "
                    f"| {_agree(a)} | {_ratio(r['speedup_vs_torch_fp32']['inference'])} | {_load(r)} "
                    f"| {_load(r, 'steal_cores')} |")

@@ -57,6 +57,12 @@ class CameraStream:
             self._slot = (msg, now)
         return True
 
+    @property
+    def pending(self) -> bool:
+        """Whether a frame is waiting for inference."""
+        with self._lock:
+            return self._slot is not None
+
     def take(self):
         """The waiting (message, arrival time), or None; empties the slot."""
         with self._lock:

@@ -115,6 +115,7 @@ def _benchmark(args: argparse.Namespace) -> int:
         model=args.model, backends=tuple(args.backends), precisions=tuple(args.precisions or ()), device=args.device,
         frames=frames, camera_size=args.camera_size, encoding=args.encoding, cameras=args.cameras,
         iterations=args.iterations, warmup=args.warmup, e2e_frames=args.e2e_frames, rate_hz=args.rate,
+        batch_window_ms=args.batch_window,
         agreement_frames=args.agreement_frames, outputs=tuple(args.outputs), skip_ros=args.skip_ros,
         cache_dir=args.cache, domain_id=args.domain_id, fastdds_profile=args.fastdds_profile or None,
         timeout_s=args.timeout,
@@ -208,6 +209,9 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--e2e-frames", type=int, default=20, help="frames per camera in each end-to-end run (default: 20)")
     p.add_argument("--rate", type=float, default=None,
                    help="end-to-end publish rate in Hz (default: half the node's measured capacity)")
+    p.add_argument("--batch-window", type=float, default=50.0, metavar="MS",
+                   help="the node's batch_window_ms end to end: how long it waits for every camera's frame so that a "
+                        "round goes through one network call, as the multi-camera rows assume (default: 50)")
     p.add_argument("--agreement-frames", type=int, default=None, help="frames for label agreement (default: all)")
     p.add_argument("--outputs", nargs="+", default=list(OUTPUT_KINDS), choices=OUTPUT_KINDS,
                    help="outputs subscribed to and computed (default: all)")

@@ -67,7 +67,9 @@ class ServingMonitor:
         from diagnostic_msgs.msg import DiagnosticArray
 
         self._serving: dict[str, set[str]] = {}
-        self._lock = threading.Lock()
+        self._batch: dict[str, float] = {}
+        self._reports = 0
+        self._lock = threading.Condition()
         node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
 
     def _on_diagnostics(self, msg) -> None:
@@ -76,10 +78,22 @@ class ServingMonitor:
                 values = {kv.key: kv.value for kv in status.values}
                 if "outputs_subscribed" in values:
                     self._serving[status.hardware_id] = set(filter(None, values["outputs_subscribed"].split(",")))
+                if values.get("batch_size_mean", "nan") != "nan":
+                    self._batch[status.hardware_id] = float(values["batch_size_mean"])
+            self._reports += 1
+            self._lock.notify_all()
 
     def serving(self, topic: str, kinds) -> bool:
         with self._lock:
             return set(kinds) <= self._serving.get(topic, set())
+
+    def batch_size_mean(self, topics, timeout: float = 10.0) -> float | None:
+        """Frames per network call in the node's next report (its recent window), averaged over ``topics``."""
+        with self._lock:
+            reports = self._reports
+            self._lock.wait_for(lambda: self._reports > reports, timeout)
+            seen = [self._batch[t] for t in topics if t in self._batch]
+        return sum(seen) / len(seen) if seen else None
 
 
 def run_demo(bag: Path, out: Path, model: str = "camvid_demo", topic: str = "/camera/image_raw", rate: float = 1.0,

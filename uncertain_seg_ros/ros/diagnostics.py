@@ -28,6 +28,7 @@ def camera_status(
         "frames_rate_limited": str(snap.rate_limited),
         "frames_bad": str(snap.bad),
         "uncertain_fraction": f"{snap.uncertain_fraction:.4f}",
+        "batch_size_mean": f"{snap.batch_size_mean:.2f}",
         "uncertainty_alarm": f"{alarm:.4f}",
         **info,
     }

@@ -32,6 +32,8 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "colormap": ("inferno", f"colour map of the uncertainty image, one of {COLORMAPS}"),
     "mask_threshold": (-1.0, "misclassification-mask threshold in [0, 1]; negative: use the bundle's calibrated threshold"),
     "max_rate_hz": (0.0, "per-camera processing rate limit in Hz; 0 = as fast as frames come"),
+    "batch_window_ms": (0.0, "with several cameras: after a new frame, wait up to this long for the other cameras' "
+                             "new frames so that they share one network call; 0 = take only the frames already waiting"),
     "uncertainty_alarm": (0.3, "diagnostics turn WARN when the fraction of uncertain pixels exceeds this, 0..1"),
     "diagnostics_period": (1.0, "seconds between /diagnostics messages"),
 }
@@ -60,6 +62,7 @@ class NodeSettings:
     colormap: str
     mask_threshold: float | None
     max_rate_hz: float
+    batch_window_ms: float
     uncertainty_alarm: float
     diagnostics_period: float
 
@@ -78,10 +81,19 @@ def _in_range(name: str, value: float, low: float, high: float | None = None) ->
 
 
 def declare_and_read(node: Node) -> NodeSettings:
-    """Declare every parameter (with its description) and return validated settings."""
+    """Declare every parameter (with its description) and return validated settings.
+
+    Numeric parameters take integers too (``batch_window_ms:=10``), which ROS would otherwise
+    refuse for a parameter declared with a float default.
+    """
+    numeric = {name for name, (default, _) in PARAMETERS.items() if isinstance(default, float)}
     for name, (default, description) in PARAMETERS.items():
-        node.declare_parameter(name, default, ParameterDescriptor(description=description))
+        node.declare_parameter(name, default, ParameterDescriptor(description=description, dynamic_typing=name in numeric))
     p = {name: node.get_parameter(name).value for name in PARAMETERS}
+    for name in numeric:
+        if isinstance(p[name], bool) or not isinstance(p[name], (int, float)):
+            raise ParameterError(f"parameter '{name}' is {p[name]!r}; it must be a number")
+        p[name] = float(p[name])
     topics = tuple(p["camera_topics"])
     if not topics or any(not t for t in topics):
         raise ParameterError("parameter 'camera_topics' must list at least one non-empty topic name")
@@ -114,6 +126,7 @@ def declare_and_read(node: Node) -> NodeSettings:
         colormap=_one_of("colormap", p["colormap"], COLORMAPS),
         mask_threshold=None if threshold < 0 else _in_range("mask_threshold", float(threshold), 0.0, 1.0),
         max_rate_hz=_in_range("max_rate_hz", float(p["max_rate_hz"]), 0.0),
+        batch_window_ms=_in_range("batch_window_ms", float(p["batch_window_ms"]), 0.0),
         uncertainty_alarm=_in_range("uncertainty_alarm", float(p["uncertainty_alarm"]), 0.0, 1.0),
         diagnostics_period=_in_range("diagnostics_period", float(p["diagnostics_period"]), 0.05),
     )

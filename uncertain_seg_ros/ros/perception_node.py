@@ -1,9 +1,10 @@
 """``perception_node``: camera images in; labels, uncertainty, misclassification mask and overlay out.
 
 Thin by design: parameters, subscriptions, publishers and short callbacks. Callbacks only park the
-newest frame of each camera; one inference thread takes the newest frames of all cameras, runs
-them through the core's Predictor in one batch and publishes what has subscribers, with the input
-header, at the camera's resolution.
+newest frame of each camera; one inference thread takes the newest frames of all cameras (after
+waiting up to ``batch_window_ms`` for cameras that have none yet), runs them through the core's
+Predictor in one batch and publishes what has subscribers, with the input header, at the camera's
+resolution.
 """
 import logging
 import sys
@@ -123,11 +124,23 @@ class PerceptionNode(Node):
         camera.stats.count("bad")
         return None
 
+    def _gather(self) -> None:
+        """Wait up to ``batch_window_ms`` after a new frame until every camera has one (or the node stops)."""
+        deadline = time.monotonic() + self.settings.batch_window_ms / 1e3
+        while not self._stop.is_set():
+            self._wake.clear()  # before the check: a frame arriving after it sets the event again
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or all(camera.pending for camera in self.cameras):
+                return
+            self._wake.wait(remaining)
+
     def _work(self) -> None:
         while not self._stop.is_set():
             if not self._wake.wait(timeout=0.1):
                 continue
             self._wake.clear()
+            if self.settings.batch_window_ms > 0 and len(self.cameras) > 1:
+                self._gather()
             batch = []
             for camera in self.cameras:
                 item = camera.take()
@@ -148,7 +161,7 @@ class PerceptionNode(Node):
                 for kind in wanted:
                     camera.publishers[kind].publish(array_to_message(getattr(out, kind), camera.encodings[kind], msg.header))
                 now = time.monotonic()
-                camera.stats.published(now, now - arrived, out.uncertain_fraction)
+                camera.stats.published(now, now - arrived, out.uncertain_fraction, len(batch))
 
     def _publish_diagnostics(self) -> None:
         array = DiagnosticArray()

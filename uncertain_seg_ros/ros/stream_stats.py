@@ -19,6 +19,7 @@ class StatsSnapshot:
     rate_limited: int
     bad: int
     uncertain_fraction: float
+    batch_size_mean: float
 
 
 class StreamStats:
@@ -28,7 +29,7 @@ class StreamStats:
         self.window_s = window_s
         self._lock = threading.Lock()
         self._arrivals: deque[float] = deque()
-        self._outputs: deque[tuple[float, float]] = deque()
+        self._outputs: deque[tuple[float, float, int]] = deque()
         self.received = self.processed = self.dropped = self.rate_limited = self.bad = 0
         self.uncertain_fraction = float("nan")
 
@@ -49,11 +50,13 @@ class StreamStats:
         with self._lock:
             setattr(self, what, getattr(self, what) + 1)
 
-    def published(self, now: float, latency_s: float, uncertain_fraction: float) -> None:
+    def published(self, now: float, latency_s: float, uncertain_fraction: float, batch_size: int = 1) -> None:
+        """A frame's outputs went out ``latency_s`` after it arrived; ``batch_size``: frames processed with it
+        (one network call when they share a size)."""
         with self._lock:
             self.processed += 1
             self.uncertain_fraction = uncertain_fraction
-            self._outputs.append((now, latency_s))
+            self._outputs.append((now, latency_s, batch_size))
             self._trim(now)
 
     def snapshot(self, now: float | None = None) -> StatsSnapshot:
@@ -61,7 +64,8 @@ class StreamStats:
         with self._lock:
             self._trim(now)
             span = self.window_s
-            lat = np.array([l for _, l in self._outputs]) * 1000.0
+            lat = np.array([o[1] for o in self._outputs]) * 1000.0
+            batch = [o[2] for o in self._outputs]
             return StatsSnapshot(
                 input_rate_hz=len(self._arrivals) / span,
                 output_rate_hz=len(self._outputs) / span,
@@ -73,4 +77,5 @@ class StreamStats:
                 rate_limited=self.rate_limited,
                 bad=self.bad,
                 uncertain_fraction=self.uncertain_fraction,
+                batch_size_mean=float(np.mean(batch)) if batch else float("nan"),
             )
