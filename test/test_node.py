@@ -324,6 +324,21 @@ def test_incompatible_qos_is_reported(graph, tmp_path):
         node.stop()
 
 
+def serve(tester: Tester, cams: list[str], kinds: tuple[str, ...]) -> dict:
+    """Publish on ``cams`` and subscribe to their ``kinds`` outputs and /diagnostics; return the graph view
+    once the node reports that it serves them."""
+    for cam in cams:
+        tester.publisher(Image, cam)
+        for kind in kinds:
+            tester.subscribe(Image, f"{cam.rsplit('/', 1)[0]}/segmentation/{kind}")
+    tester.subscribe(DiagnosticArray, "/diagnostics")
+    tester.connected(timeout=90)
+    view = {"tester": tester}
+    for cam in cams:
+        latest_status(view, cam, lambda s: s["outputs_subscribed"] == ",".join(sorted(kinds)), 60)
+    return view
+
+
 def test_batch_window_gathers_cameras_into_one_call(graph, tmp_path):
     """batch_window_ms: a frame waits for the other camera's frame and both go through one call
     (diagnostics report the batch size); a camera whose partner sends nothing is answered once the
@@ -334,14 +349,7 @@ def test_batch_window_gathers_cameras_into_one_call(graph, tmp_path):
                         "camera_topics": "[" + ",".join(cams) + "]"}, tmp_path / "node.log")
     tester = Tester("window_tester")
     try:
-        for cam in cams:
-            tester.publisher(Image, cam)
-            tester.subscribe(Image, f"{cam.rsplit('/', 1)[0]}/segmentation/labels")
-        tester.subscribe(DiagnosticArray, "/diagnostics")
-        tester.connected(timeout=90)
-        view = {"tester": tester}
-        for cam in cams:
-            latest_status(view, cam, lambda s: s["outputs_subscribed"] == "labels", 60)
+        view = serve(tester, cams, ("labels",))
         labels = {cam: cam.rsplit("/", 1)[0] + "/segmentation/labels" for cam in cams}
         stamp = next_stamp()
         tester.pubs[cams[0]].publish(raw_message(scene(seed=30), "rgb8", stamp))
@@ -372,15 +380,7 @@ def test_onnxruntime_backend_through_the_graph(graph, tmp_path):
                         "batch_window_ms": "2000", "camera_topics": "[" + ",".join(cams) + "]"}, tmp_path / "node.log")
     tester = Tester("onnx_tester")
     try:
-        for cam in cams:
-            tester.publisher(Image, cam)
-            for kind in ("labels", "uncertainty"):
-                tester.subscribe(Image, f"{cam.rsplit('/', 1)[0]}/segmentation/{kind}")
-        tester.subscribe(DiagnosticArray, "/diagnostics")
-        tester.connected(timeout=90)
-        view = {"tester": tester}
-        for cam in cams:
-            latest_status(view, cam, lambda s: s["outputs_subscribed"] == "labels,uncertainty", 60)
+        view = serve(tester, cams, ("labels", "uncertainty"))
         stamp = next_stamp()
         frames = {cam: scene(seed=20 + i) for i, cam in enumerate(cams)}
         for cam in cams:

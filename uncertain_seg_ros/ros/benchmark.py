@@ -232,9 +232,9 @@ class RosBench:
         Without it their work ran into the next round: on 2 CPU cores the demo's preprocessing
         stage measured 14.1 ms median (p95 65 ms) with ROS stages and 5.5 ms (p95 6.9) without.
         """
-        with self._delivered:
-            if not self._delivered.wait_for(lambda: self._taken >= self.published, timeout):
-                raise TimeoutError(f"{self.published - self._taken} of {self.published} published benchmark "
+        with self._delivered:  # a Condition over an RLock, so in_flight can take it again
+            if not self._delivered.wait_for(lambda: self.in_flight <= 0, timeout):
+                raise TimeoutError(f"{self.in_flight} of {self.published} published benchmark "
                                    f"messages not received after {timeout:.0f} s")
 
     def graph(self, model: Path, backend: str, precision: str, device: str, cameras: int,
