@@ -135,6 +135,39 @@ def test_onnxruntime_matches_pytorch_vits14_with_registers(tmp_path):
     assert agreement >= 0.999 and diff <= 1e-3, (agreement, diff)
 
 
+def test_onnx_graph_runs_attention_as_one_fused_operator(tiny_bundle, tmp_path):
+    """Every block's attention is ONNX Runtime's fused MultiHeadAttention with the model's head count:
+    no N x N score matrix (Softmax) in the graph, and the cache key says which attention it holds."""
+    import onnx
+
+    bundle = load_bundle(tiny_bundle)
+    backend = create_backend("onnxruntime", bundle, "cpu", max_batch=2, cache=ArtifactCache(tmp_path))
+    graph = onnx.load(str(ArtifactCache(tmp_path).entry(backend.key) / "model.onnx")).graph
+    fused = [n for n in graph.node if (n.domain, n.op_type) == ("com.microsoft", "MultiHeadAttention")]
+    backbone = bundle.model.backbone
+    assert len(fused) == len(backbone.blocks)
+    assert {onnx.helper.get_attribute_value(a) for n in fused for a in n.attribute if a.name == "num_heads"} == {
+        backbone.blocks[0].attn.num_heads}
+    assert "Softmax" not in [n.op_type for n in graph.node]
+    assert backend.key.options["attention"] == "com.microsoft.MultiHeadAttention"
+
+
+@pytest.mark.parametrize("call", [dict(is_causal=True), dict(attn_mask=True)])
+def test_fused_attention_refuses_what_it_does_not_translate(call, tmp_path):
+    """A causal or masked attention is an export error naming what is unsupported, not a different graph."""
+    from uncertain_seg_ros.inference.onnx_attention import attention_translation
+
+    class Masked(torch.nn.Module):
+        def forward(self, q: torch.Tensor) -> torch.Tensor:
+            mask = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).tril() if call.get("attn_mask") else None
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask,
+                                                                    is_causal=call.get("is_causal", False))
+
+    with pytest.raises(Exception, match="unmasked, non-causal attention"):
+        torch.onnx.export(Masked(), (torch.randn(1, 2, 5, 8),), dynamo=True, opset_version=18, verbose=False,
+                          custom_translation_table=attention_translation())
+
+
 @needs_camvid
 def test_onnxruntime_int8_labels_match_fp32_on_camvid_frames(tmp_path):
     """The shipped demo with its linear layers quantised to int8 (ONNX Runtime on the CPU), 15

@@ -68,8 +68,8 @@ def unavailable_reason(name: str, device: str | torch.device) -> str | None:
             return "torch.compile on the CPU needs a C++ compiler (c++/g++), none is on PATH"
         return None
     if name == "onnxruntime":
-        if not (_has("onnxruntime") and _has("onnx")):
-            return "onnxruntime/onnx are not installed (pip install 'uncertain_seg_ros[onnx]')"
+        if not (_has("onnxruntime") and _has("onnx") and _has("onnxscript")):
+            return "onnxruntime/onnx/onnxscript are not installed (pip install 'uncertain_seg_ros[onnx]')"
         if dev.type == "cuda":
             import onnxruntime as ort
 
