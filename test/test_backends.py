@@ -368,8 +368,12 @@ def test_tensorrt_matches_pytorch_on_camvid_frames(tmp_path, precision):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @needs_camvid
 @pytest.mark.parametrize("backend, precision", [("torch", "fp16"), ("torch", "bf16"), ("torch_compile", "fp32"),
-                                                ("torch_compile", "fp16")])
+                                                ("torch_compile", "fp16"), ("onnxruntime", "fp32"), ("onnxruntime", "fp16")])
 def test_cuda_backends_match_pytorch_fp32(backend, precision):
+    """Every CUDA backend and precision (ONNX Runtime's fused attention on CUDA included) labels >= 99.5% as fp32 eager."""
+    reason = available_backends("cuda")[backend]
+    if reason is not None:
+        pytest.skip(f"{backend} unavailable on CUDA: {reason}")
     bundle = load_bundle(DEMO, "cuda")
     frames = _frames("dusk/test", 8)
     ref = Predictor(bundle, PredictorOptions(device="cuda", backend="torch")).run(frames, {"labels"})
