@@ -153,7 +153,7 @@ def test_onnx_graph_runs_attention_as_one_fused_operator(tiny_bundle, tmp_path):
 
 
 @pytest.mark.parametrize("call", [dict(is_causal=True), dict(attn_mask=True)])
-def test_fused_attention_refuses_what_it_does_not_translate(call, tmp_path):
+def test_fused_attention_refuses_what_it_does_not_translate(call):
     """A causal or masked attention is an export error naming what is unsupported, not a different graph."""
     from uncertain_seg_ros.inference.onnx_attention import attention_translation
 

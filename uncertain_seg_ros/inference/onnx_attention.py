@@ -3,10 +3,10 @@
 The ONNX exporter writes ``scaled_dot_product_attention`` at opset 18 as MatMul, Softmax, MatMul:
 ONNX Runtime then materialises every head's N x N score matrix (1565 x 1565 for ViT-S/14 at
 644x476) and reads it back twice. ONNX Runtime's contrib ``MultiHeadAttention`` runs the same
-product as one fused kernel (flash attention on the CPU; flash or memory-efficient attention on
-CUDA). The standard opset-23 ``Attention`` operator is no faster in ONNX Runtime 1.31's CPU kernel.
-Measured on this project's 2-core CPU, one head group of ViT-S/14 (6 heads, 1565 tokens): MatMul /
-Softmax / MatMul 52.5 ms, opset-23 Attention 53.0 ms, MultiHeadAttention 40.7 ms, PyTorch's SDPA 41.3 ms.
+product as one fused kernel, on the CPU and on CUDA. The standard opset-23 ``Attention`` operator
+is no faster in ONNX Runtime 1.31's CPU kernel. Measured on this project's 2-core CPU, one ViT-S/14
+attention layer (6 heads, 1565 tokens): MatMul / Softmax / MatMul 52.5 ms, opset-23 Attention
+53.0 ms, MultiHeadAttention 40.7 ms, PyTorch's SDPA 41.3 ms.
 
 Query, key and value go in as (batch, tokens, heads x head size), the operator's most widely
 supported layout; the output comes back as (batch, heads, tokens, head size), as SDPA returns it.
