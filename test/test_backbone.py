@@ -162,14 +162,18 @@ def test_missing_local_weights_file_names_the_path(tmp_path):
 
 
 def test_non_square_input_gives_patch_grid():
-    """A 476x644 (H x W) image gives 34x46 (h x w) feature maps from get_intermediate_layers."""
+    """A 476x644 (H x W) image gives 34x46 (h x w) feature maps from get_intermediate_layers, or with
+    ``reshape=False`` the same features as 34*46 tokens in row-major order."""
     torch.manual_seed(0)
     model = dinov2_backbone("dinov2_vits14", depth=2).eval()
+    x = torch.randn(1, 3, 476, 644)
     with torch.no_grad():
-        outs = model.get_intermediate_layers(torch.randn(1, 3, 476, 644), n=2)
-    assert len(outs) == 2
-    for out in outs:
-        assert out.shape == (1, 384, 34, 46)
+        outs = model.get_intermediate_layers(x, n=2)
+        tokens = model.get_intermediate_layers(x, n=2, reshape=False)
+    assert len(outs) == len(tokens) == 2
+    for out, seq in zip(outs, tokens):
+        assert out.shape == (1, 384, 34, 46) and seq.shape == (1, 34 * 46, 384)
+        assert torch.equal(out.flatten(2).transpose(1, 2), seq)
 
 
 def test_feature_map_is_row_major_in_height_and_width():

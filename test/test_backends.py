@@ -20,7 +20,7 @@ from uncertain_seg_ros.inference import (
     choose_backend,
     create_backend,
 )
-from uncertain_seg_ros.inference.network import DeployedNetwork, export_program
+from uncertain_seg_ros.inference.network import DEPLOYED_FORM, DeployedNetwork, export_program, exportable
 from uncertain_seg_ros.model import SegmenterConfig, UncertainSegmenter, backbone_config
 
 DEMO = REPO / "models" / "camvid_demo"
@@ -51,10 +51,11 @@ def vits14(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("which", ["demo", "vits14"])
 def test_network_exports_whole_with_torch_export(which, vits14):
-    """The deployed network is one graph: strict torch.export succeeds with a dynamic camera batch,
-    TorchDynamo reports no graph break, and the exported program computes what the model does."""
+    """The network as exporters build it is one graph: strict torch.export succeeds with a dynamic
+    camera batch, TorchDynamo reports no graph break, and the exported program computes what the
+    model does."""
     bundle = load_bundle(DEMO if which == "demo" else vits14)
-    net = DeployedNetwork(bundle.model, bundle.config.input.height, bundle.config.input.width)
+    net = exportable(DeployedNetwork(bundle.model, bundle.config.input.height, bundle.config.input.width))
     x = net.example(2)
     explained = torch._dynamo.explain(net)(x)
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
@@ -66,6 +67,61 @@ def test_network_exports_whole_with_torch_export(which, vits14):
     assert got3[0].shape[0] == 3
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["demo", "vits14"])
+def test_deployed_network_computes_what_the_model_computes(which, vits14):
+    """The inference form (heads as linear layers over the tokens, BatchNorm folded) gives the model's
+    logits and predicted loss; the vits14 head gets non-trivial BatchNorm statistics so the fold is tested."""
+    bundle = load_bundle(DEMO if which == "demo" else vits14)
+    model = bundle.model
+    if which == "vits14":
+        g = torch.Generator().manual_seed(3)
+        bn = model.head.bn
+        with torch.no_grad():
+            for t in (bn.running_mean, bn.weight, bn.bias):
+                t.copy_(torch.randn(t.shape, generator=g))
+            bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=g) + 0.1)
+    net = DeployedNetwork(model, bundle.config.input.height, bundle.config.input.width)
+    x = net.example(2)
+    with torch.no_grad():
+        want, got = model(x), net(x)
+    for w, g_ in zip(want, got):
+        assert g_.shape == w.shape and g_.is_contiguous()
+        torch.testing.assert_close(g_, w, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("ffn", ["mlp", "swiglu"])
+def test_exportable_network_folds_layer_scale_and_splits_qkv(ffn):
+    """The exporters' copy: no LayerScale left, query/key/value as three linear layers, the source
+    network untouched, and the same logits and predicted loss."""
+    from uncertain_seg_ros.inference.network import SeparateQKVAttention
+    from uncertain_seg_ros.model.layers import LayerScale
+
+    torch.manual_seed(0)
+    cfg = SegmenterConfig(3, backbone_config("demo_vitt14", embed_dim=48, depth=2, num_heads=2, ffn_layer=ffn),
+                          n_last_blocks=2, uncertainty_hidden=16)
+    model = UncertainSegmenter(cfg)
+    for block in model.backbone.blocks:
+        for ls in (block.ls1, block.ls2):
+            ls.gamma.data.uniform_(0.05, 2.0)
+    net = DeployedNetwork(model, 56, 70)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    export = exportable(net)
+    assert not any(isinstance(m, LayerScale) for m in export.modules())
+    assert all(isinstance(b.attn, SeparateQKVAttention) for b in export.model.backbone.blocks)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    x = net.example(2)
+    with torch.no_grad():
+        for w, g in zip(net(x), export(x)):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_deployed_network_refuses_a_head_that_is_not_a_linear_layer(tiny_bundle):
+    model = load_bundle(tiny_bundle).model
+    model.uncertainty_head.mlp[0] = torch.nn.Conv2d(model.uncertainty_head.mlp[0].in_channels, 8, 3, padding=1)
+    with pytest.raises(ValueError, match="only a 1x1"):
+        DeployedNetwork(model, 56, 70)
 
 
 def test_deployed_pos_embed_is_the_interpolated_one(vits14):
@@ -135,37 +191,47 @@ def test_onnxruntime_matches_pytorch_vits14_with_registers(tmp_path):
     assert agreement >= 0.999 and diff <= 1e-3, (agreement, diff)
 
 
-def test_onnx_graph_runs_attention_as_one_fused_operator(tiny_bundle, tmp_path):
-    """Every block's attention is ONNX Runtime's fused MultiHeadAttention with the model's head count:
-    no N x N score matrix (Softmax) in the graph, and the cache key says which attention it holds."""
+def test_onnx_graph_runs_attention_and_gelu_as_fused_operators(tiny_bundle, tmp_path):
+    """Every block's attention is ONNX Runtime's fused MultiHeadAttention with the model's head count
+    (no N x N score matrix: no Softmax) and every MLP's GELU is one contrib Gelu (no Erf); the heads
+    are matrix products, not convolutions; the cache key says which graph it holds."""
     import onnx
 
     bundle = load_bundle(tiny_bundle)
     backend = create_backend("onnxruntime", bundle, "cpu", max_batch=2, cache=ArtifactCache(tmp_path))
     graph = onnx.load(str(ArtifactCache(tmp_path).entry(backend.key) / "model.onnx")).graph
     fused = [n for n in graph.node if (n.domain, n.op_type) == ("com.microsoft", "MultiHeadAttention")]
+    gelu = [n for n in graph.node if (n.domain, n.op_type) == ("com.microsoft", "Gelu")]
     backbone = bundle.model.backbone
-    assert len(fused) == len(backbone.blocks)
+    assert len(fused) == len(gelu) == len(backbone.blocks)
     assert {onnx.helper.get_attribute_value(a) for n in fused for a in n.attribute if a.name == "num_heads"} == {
         backbone.blocks[0].attn.num_heads}
-    assert "Softmax" not in [n.op_type for n in graph.node]
-    assert backend.key.options["attention"] == "com.microsoft.MultiHeadAttention"
+    ops = [n.op_type for n in graph.node]
+    assert "Softmax" not in ops and "Erf" not in ops and "Split" not in ops  # q, k and v: three products
+    assert ops.count("MatMul") == 6 * len(backbone.blocks) + 4  # q, k, v, proj, fc1, fc2; 1 + 3 head layers
+    assert ops.count("Conv") == 1  # the patch embedding; both heads are linear layers over the tokens
+    assert backend.key.options["contrib_ops"] == "com.microsoft.MultiHeadAttention, com.microsoft.Gelu"
+    assert backend.key.options["network"] == DEPLOYED_FORM
 
 
-@pytest.mark.parametrize("call", [dict(is_causal=True), dict(attn_mask=True)])
-def test_fused_attention_refuses_what_it_does_not_translate(call):
-    """A causal or masked attention is an export error naming what is unsupported, not a different graph."""
-    from uncertain_seg_ros.inference.onnx_attention import attention_translation
+@pytest.mark.parametrize("call", [dict(is_causal=True), dict(attn_mask=True), dict(gelu="tanh")])
+def test_fused_operators_refuse_what_they_do_not_translate(call):
+    """Causal or masked attention, or tanh-approximated GELU, is an export error naming what is
+    unsupported, not a different graph."""
+    from uncertain_seg_ros.inference.onnx_contrib_ops import contrib_translation
 
-    class Masked(torch.nn.Module):
+    class Unsupported(torch.nn.Module):
         def forward(self, q: torch.Tensor) -> torch.Tensor:
+            if "gelu" in call:
+                return torch.nn.functional.gelu(q, approximate=call["gelu"])
             mask = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).tril() if call.get("attn_mask") else None
             return torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask,
                                                                     is_causal=call.get("is_causal", False))
 
-    with pytest.raises(Exception, match="unmasked, non-causal attention"):
-        torch.onnx.export(Masked(), (torch.randn(1, 2, 5, 8),), dynamo=True, opset_version=18, verbose=False,
-                          custom_translation_table=attention_translation())
+    expected = "exact \\(erf\\) form" if "gelu" in call else "unmasked, non-causal attention"
+    with pytest.raises(Exception, match=expected):
+        torch.onnx.export(Unsupported(), (torch.randn(1, 2, 5, 8),), dynamo=True, opset_version=18, verbose=False,
+                          custom_translation_table=contrib_translation())
 
 
 @needs_camvid
@@ -187,8 +253,10 @@ def test_onnxruntime_int8_labels_match_fp32_on_camvid_frames(tmp_path):
     assert same / total >= 0.995, same / total
     graph = onnx.load(str(ArtifactCache(tmp_path).entry(int8.backend.key) / "model.onnx")).graph
     ops = [n.op_type for n in graph.node]
-    linear = sum(isinstance(m, torch.nn.Linear) for m in bundle.model.backbone.modules())
-    assert ops.count("MatMulInteger") == ops.count("DynamicQuantizeLinear") == linear and "Gemm" not in ops
+    depth, head_layers = len(bundle.model.backbone.blocks), 1 + 3
+    assert ops.count("MatMulInteger") == 6 * depth + head_layers and "Gemm" not in ops  # q, k, v, proj, fc1, fc2
+    # an input is quantised once for every layer that reads it: q, k and v share one, so do both heads' first layers
+    assert ops.count("DynamicQuantizeLinear") == 4 * depth + head_layers - 1
     assert sorted(p.name for p in (ArtifactCache(tmp_path).entry(int8.backend.key)).iterdir()) == ["key.json", "model.onnx"]
 
 

@@ -125,12 +125,14 @@ def test_flops_equal_a_hand_count():
     cost = network_cost(net, batch=3)
     assert cost.flops == 3 * hand
     assert cost.input_bytes == 3 * 3 * 56 * 70 * 4 and cost.output_bytes == 3 * (classes + 1) * patches * 4
-    assert cost.weight_bytes == 4 * sum(p.numel() for p in net.parameters())
+    used = [*net.model.backbone.parameters(), *net.seg_head.parameters(), *net.uncertainty_head.parameters()]
+    assert cost.weight_bytes == 4 * sum(p.numel() for p in used)  # not the model's own (convolution) heads
     assert network_cost(net, 1, "bf16").weight_bytes == cost.weight_bytes // 2
     linear = sum(m.weight.numel() for m in net.modules() if isinstance(m, nn.Linear))
     int8 = network_cost(net, 1, "int8")
     assert int8.weight_bytes == cost.weight_bytes - 3 * linear  # int8 linear weights, float32 rest
-    assert int8.int8_flops == depth * (block - 4 * tokens * tokens * d) and cost.int8_flops == 0  # blocks' linears
+    heads = 2 * patches * (heads_in * classes + heads_in * hidden + hidden * hidden + hidden)
+    assert int8.int8_flops == depth * (block - 4 * tokens * tokens * d) + heads and cost.int8_flops == 0  # linear layers
 
 
 def test_floor_is_the_binding_limit():

@@ -5,10 +5,10 @@ tensors over ONNX Runtime's arrays. On CUDA (an onnxruntime build with the CUDA 
 provider) inputs and outputs are bound to PyTorch's device memory with I/O binding, so nothing
 crosses to the host. The graph has a dynamic batch axis, so several cameras share one call.
 Precision ``int8`` (CPU only) runs the graph with its linear layers quantised (see
-:mod:`.quantization`); inputs and outputs stay float32. Attention is exported as ONNX Runtime's
-fused operator (see :mod:`.onnx_attention`), so the graph is for ONNX Runtime, not any ONNX runtime.
+:mod:`.quantization`); inputs and outputs stay float32. Attention and GELU are exported as ONNX
+Runtime's fused operators (see :mod:`.onnx_contrib_ops`), so the graph is for ONNX Runtime, not any
+ONNX runtime.
 """
-import copy
 import logging
 from pathlib import Path
 
@@ -17,8 +17,8 @@ import torch
 
 from .artifact_cache import ArtifactCache, ArtifactKey, device_name
 from .backend import Backend
-from .network import DeployedNetwork
-from .onnx_attention import ATTENTION_OP, attention_translation
+from .network import DEPLOYED_FORM, DeployedNetwork, exportable
+from .onnx_contrib_ops import CONTRIB_OPS, contrib_translation
 from .quantization import quantisation_options, quantise_dynamic_int8
 
 log = logging.getLogger(__name__)
@@ -28,9 +28,10 @@ OPSET = 18
 
 
 def export_onnx(network: DeployedNetwork, path: str | Path, dtype: torch.dtype = torch.float32, max_batch: int = 1) -> Path:
-    """Write ``network`` as an ONNX graph (TorchDynamo exporter, attention fused) with a dynamic batch axis up to ``max_batch``."""
+    """Write ``network`` (its :func:`~.network.exportable` form) as an ONNX graph (TorchDynamo exporter, attention
+    and GELU fused) with a dynamic batch axis up to ``max_batch``."""
     path = Path(path)
-    net = network if dtype == torch.float32 else copy.deepcopy(network).to(dtype)
+    net = exportable(network).to(dtype)
     device = next(net.parameters()).device
     example = network.example(min(2, max_batch), dtype=dtype, device=device)
     dynamic = {"images": {0: torch.export.Dim("batch", min=1, max=max(max_batch, 2))}} if max_batch > 1 else None
@@ -42,7 +43,7 @@ def export_onnx(network: DeployedNetwork, path: str | Path, dtype: torch.dtype =
         with torch.no_grad():
             program = torch.onnx.export(net, (example,), dynamo=True, input_names=[INPUT], output_names=list(OUTPUTS),
                                         dynamic_shapes=dynamic, opset_version=OPSET, external_data=False, verbose=False,
-                                        custom_translation_table=attention_translation())
+                                        custom_translation_table=contrib_translation())
     finally:
         for q, level in zip(quiet, levels):
             q.setLevel(level)
@@ -68,7 +69,8 @@ class OnnxRuntimeBackend(Backend):
             versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__, "opset": str(OPSET)},
             device=device_name(device), precision=precision,
             input_shape=(max_batch, 3, network.height, network.width),
-            options={"attention": ATTENTION_OP, **(quantisation_options() if precision == "int8" else {})})
+            options={"network": DEPLOYED_FORM, "contrib_ops": CONTRIB_OPS,
+                     **(quantisation_options() if precision == "int8" else {})})
         folder = cache.get_or_build(self.key, lambda out: self._build(out, network, max_batch))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -68,11 +68,11 @@ def network_cost(network: DeployedNetwork, batch: int = 1, precision: str = "fp3
     outputs, linear_flops = _run_counting_linear(network, x)
     int8_flops = linear_flops if precision == "int8" else 0
     itemsize = PRECISIONS[precision].itemsize
-    selector = network.model.selector  # used by decoding, not by the network call
-    unused = sum(p.numel() for p in selector.parameters()) if selector is not None else 0
-    weights = (sum(p.numel() for p in network.parameters()) - unused) * itemsize
+    used = network.inference_modules()
+    weights = sum(p.numel() for m in used for p in m.parameters()) * itemsize
     if precision == "int8":  # the quantised linear layers' weights take one byte instead of four
-        weights -= sum(m.weight.numel() for m in network.modules() if isinstance(m, nn.Linear)) * (itemsize - 1)
+        linear = [m for module in used for m in module.modules() if isinstance(m, nn.Linear)]
+        weights -= sum(m.weight.numel() for m in linear) * (itemsize - 1)
     return NetworkCost(flops=flops * batch, weight_bytes=weights, input_bytes=x.numel() * x.element_size() * batch,
                        output_bytes=sum(o.numel() for o in outputs) * itemsize * batch, int8_flops=int8_flops * batch)
 

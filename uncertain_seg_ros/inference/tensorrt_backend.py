@@ -7,14 +7,13 @@ deserialises it (``torch_tensorrt.load``). Torch-TensorRT >= 2.9 builds strongly
 fp16 is obtained by exporting the network in fp16 rather than by ``enabled_precisions``.
 Building takes minutes; ``uncertain-seg build-engine`` does it ahead of time.
 """
-import copy
 import logging
 
 import torch
 
 from .artifact_cache import ArtifactCache, ArtifactKey, device_name
 from .backend import Backend
-from .network import DeployedNetwork, export_program
+from .network import DEPLOYED_FORM, DeployedNetwork, export_program, exportable
 
 log = logging.getLogger(__name__)
 PROGRAM_FILE = "trt_program.ep"
@@ -37,13 +36,13 @@ class TensorRTBackend(Backend):
             versions={"torch": torch.__version__, "torch_tensorrt": torch_tensorrt.__version__,
                       "tensorrt": tensorrt.__version__, "cuda": str(torch.version.cuda)},
             device=device_name(device), precision=precision,
-            input_shape=(max_batch, 3, network.height, network.width))
+            input_shape=(max_batch, 3, network.height, network.width), options={"network": DEPLOYED_FORM})
         folder = cache.get_or_build(self.key, self._build)
         self.module = torch_tensorrt.load(str(folder / PROGRAM_FILE)).module()
 
     def _build(self, out) -> None:
         trt = self._trt
-        net = copy.deepcopy(self.network).to(self.dtype)
+        net = exportable(self.network).to(self.dtype)
         example = net.example(min(2, self.max_batch), dtype=self.dtype, device=self.device)
         log.info("TensorRT: exporting the network (torch.export, strict)")
         program = export_program(net, example, self.max_batch)

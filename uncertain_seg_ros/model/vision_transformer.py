@@ -165,9 +165,10 @@ class DinoVisionTransformer(nn.Module):
         }
 
     def get_intermediate_layers(
-        self, x: torch.Tensor, n: int = 1, masks: torch.Tensor | None = None
+        self, x: torch.Tensor, n: int = 1, masks: torch.Tensor | None = None, reshape: bool = True
     ) -> list[torch.Tensor]:
-        """Normalised patch tokens of the last ``n`` blocks, each as a (B, D, H/14, W/14) map."""
+        """Normalised patch tokens of the last ``n`` blocks, each as a (B, D, H/14, W/14) map, or with
+        ``reshape=False`` as the (B, H/14 * W/14, D) token sequence, row-major over the patch grid."""
         B, _, H, W = x.shape
         h, w = H // self.patch_size, W // self.patch_size
         tokens = self.prepare_tokens(x, masks)
@@ -177,7 +178,7 @@ class DinoVisionTransformer(nn.Module):
             tokens = blk(tokens)
             if i >= first:
                 patches = self.norm(tokens)[:, 1 + self.num_register_tokens :]
-                outputs.append(patches.transpose(1, 2).reshape(B, -1, h, w))
+                outputs.append(patches.transpose(1, 2).reshape(B, -1, h, w) if reshape else patches)
         return outputs
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
