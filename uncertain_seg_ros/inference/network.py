@@ -30,17 +30,21 @@ DEPLOYED_FORM = ("heads as linear layers over tokens, BatchNorm folded; "
                  "LayerScale folded, separate q/k/v")  # in compiled artefacts' cache keys
 
 
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A frozen linear layer holding copies of ``weight`` (out, in) and ``bias``."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer.requires_grad_(False)
+
+
 def _as_linear(conv: nn.Conv2d) -> nn.Linear:
     """The linear layer over channels that a 1x1, stride-1, ungrouped convolution is."""
     if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1 or conv.padding not in ((0, 0), "valid"):
         raise ValueError(f"only a 1x1, stride-1, unpadded, ungrouped convolution is a linear layer; got {conv}")
-    linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None,
-                       device=conv.weight.device, dtype=conv.weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(conv.weight.flatten(1))
-        if conv.bias is not None:
-            linear.bias.copy_(conv.bias)
-    return linear.requires_grad_(False)
+    return _linear(conv.weight.flatten(1), conv.bias)
 
 
 def _fold_batch_norm(bn: nn.BatchNorm2d, linear: nn.Linear) -> nn.Linear:
@@ -112,13 +116,7 @@ class SeparateQKVAttention(nn.Module):
 
 def _rows(linear: nn.Linear, start: int, stop: int) -> nn.Linear:
     """The linear layer computing outputs ``start:stop`` of ``linear``."""
-    part = nn.Linear(linear.in_features, stop - start, bias=linear.bias is not None,
-                     device=linear.weight.device, dtype=linear.weight.dtype)
-    with torch.no_grad():
-        part.weight.copy_(linear.weight[start:stop])
-        if linear.bias is not None:
-            part.bias.copy_(linear.bias[start:stop])
-    return part.requires_grad_(False)
+    return _linear(linear.weight[start:stop], None if linear.bias is None else linear.bias[start:stop])
 
 
 def _scale_outputs(linear: nn.Linear, scale: torch.Tensor) -> None:
