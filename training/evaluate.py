@@ -50,6 +50,7 @@ class Evaluation:
             "miou": float(self.confusion.miou()),
             "pixel_accuracy": float(self.confusion.pixel_accuracy()),
             "per_class_iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(class_names, iou)},
+            "confusion_matrix": self.confusion.matrix.tolist(),
             "uncertainty": {s: c.to_dict() for s, c in self.curves.items()},
             "calibration": {s: b.to_dict() for s, b in self.calibration.items()},
             "mask": {
