@@ -29,6 +29,23 @@ class NodeProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def _status_kb(self, field: str) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+    def peak_rss_mb(self) -> float:
+        """Peak resident memory of the node process (Linux VmHWM) since start or the last reset."""
+        return self._status_kb("VmHWM") / 1024
+
+    def reset_peak_rss(self) -> None:
+        """Start a new peak-RSS measurement (Linux: ``5`` to /proc/PID/clear_refs)."""
+        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+
+    def virtual_mb(self) -> float:
+        return self._status_kb("VmSize") / 1024
+
     def stop(self) -> int:
         return stop_node(self.proc)
 

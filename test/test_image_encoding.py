@@ -1,5 +1,6 @@
 """sensor_msgs image payloads -> RGB, pinned against byte layouts written here with independent numpy code."""
 import array
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from uncertain_seg_ros.image_encoding import (
     OUTPUT_ENCODINGS,
     SUPPORTED_ENCODINGS,
     ImageDataError,
+    ImageTooLargeError,
     UnsupportedEncodingError,
     array_to_raw,
     bytes_per_pixel,
@@ -21,8 +23,12 @@ from uncertain_seg_ros.image_encoding import (
     raw_to_array,
     to_rgb8,
 )
+from uncertain_seg_ros.image_header import HeaderError, compressed_size
+from uncertain_seg_ros.native_stderr import captured_stderr
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from fuzz_node import jpeg_declaring, png_bomb  # noqa: E402  (the fuzz run's hostile payloads)
 H, W = 12, 16
 COLOUR = (200, 120, 40)
 BAYER = ("bayer_rggb8", "bayer_bggr8", "bayer_gbrg8", "bayer_grbg8",
@@ -371,3 +377,88 @@ def test_core_module_imports_no_ros():
             "bad = [m for m in sys.modules if m.split('.')[0] in ros]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+CAMERA_LIMIT = 4096 * 3072
+
+
+def test_png_bomb_refused_from_its_header():
+    """The 12 KB PNG that declares 10000x10000 pixels (300 MB as RGB) is refused before decoding,
+    with its size and the limit in the message; within the limit it decodes."""
+    bomb = png_bomb()
+    assert len(bomb) < 16_000 and compressed_size(np.frombuffer(bomb, np.uint8)) == (10_000, 10_000)
+    with pytest.raises(ImageTooLargeError, match=r"10000x10000 \(100\.0 MP\), above the limit of 12582912 pixels"):
+        compressed_to_rgb8("png", bomb, max_pixels=CAMERA_LIMIT)
+    assert compressed_to_rgb8("png", png_bomb(40, 30), max_pixels=1200).shape == (30, 40, 3)
+
+
+def test_jpeg_size_read_from_its_frame_header():
+    """Baseline and progressive JPEGs, with an EXIF-like segment first: the frame header's size is read;
+    one rewritten to declare 30000x30000 is refused unread."""
+    bgr = smooth_rgb(48, 64)
+    app1 = b"\xff\xe1" + (2 + 300).to_bytes(2, "big") + bytes(300)
+    for params in ([], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]):
+        jpeg = cv2.imencode(".jpg", bgr, params)[1].tobytes()
+        jpeg = jpeg[:2] + app1 + jpeg[2:]
+        assert compressed_size(jpeg) == (64, 48)
+        with pytest.raises(ImageTooLargeError, match="30000x30000"):
+            compressed_to_rgb8("jpeg", jpeg_declaring(jpeg, 30_000, 30_000), max_pixels=CAMERA_LIMIT)
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b"GIF89a" + bytes(20), "neither PNG nor JPEG"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(4), "PNG without an IHDR chunk"),
+    (b"\xff\xd8\xff\xda" + bytes(10), "scan without a frame header"),
+    (b"\xff\xd8\xff\xe0\x00\x10JFIF", "ends after 10 bytes without a frame header"),
+    (b"\xff\xd8\x00\x00", "marker expected at byte 2"),
+])
+def test_unreadable_headers_are_corrupt_payloads(payload, message):
+    with pytest.raises(HeaderError, match=message):
+        compressed_size(payload)
+    with pytest.raises(ImageDataError, match="corrupt or unsupported compressed image.*" + message):
+        compressed_to_rgb8("png", payload)
+
+
+def test_raw_image_above_the_limit_refused_before_conversion():
+    big = image_to_rgb8("mono8", 3072, 4096, 4096, 0, bytes(4096 * 3072), max_pixels=CAMERA_LIMIT)
+    assert big.shape == (3072, 4096, 3)
+    with pytest.raises(ImageTooLargeError, match=r"rgb8 image is 4097x3072"):
+        image_to_rgb8("rgb8", 3072, 4097, 4097 * 3, 0, b"", max_pixels=CAMERA_LIMIT)
+
+
+def test_decoder_messages_do_not_reach_stderr(capfd):
+    """libpng's error on a damaged PNG becomes part of the ImageDataError; libjpeg's warning on a JPEG
+    that still decodes goes to ``decoder_log``; nothing is written to the process's stderr."""
+    png = bytearray(cv2.imencode(".png", smooth_rgb(48, 64))[1].tobytes())
+    png[60] ^= 0xFF  # inside IDAT: its CRC no longer matches
+    with pytest.raises(ImageDataError, match="libpng error: IDAT: "):
+        compressed_to_rgb8("png", bytes(png))
+    noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    jpeg = bytearray(cv2.imencode(".jpg", noise)[1].tobytes())
+    jpeg[len(jpeg) // 2 : len(jpeg) // 2 + 10] = b"\xff\xd0" * 5  # restart markers inside the scan
+    said: list[str] = []
+    assert compressed_to_rgb8("jpeg", bytes(jpeg), decoder_log=said.append).shape == (48, 64, 3)
+    assert said and said[0].startswith("Corrupt JPEG data")
+    assert capfd.readouterr().err == ""
+
+
+def test_captured_stderr_passes_console_lines_back(capfd):
+    """Lines that other threads' loggers write meanwhile ("[WARN] ...") go back to stderr unchanged."""
+    with captured_stderr() as lines:
+        os.write(2, b"[WARN] [1.0] [node]: a log line\nlibpng error: bad\n")
+    assert lines == ["libpng error: bad"]
+    assert capfd.readouterr().err == "[WARN] [1.0] [node]: a log line\n"
+
+
+def test_node_floor_caps_opencv_decoders():
+    """Importing the node's package caps OpenCV itself (the second barrier, behind the header check)
+    at 8192x8192: a larger PNG fails inside OpenCV instead of decoding. OpenCV reads the cap when it
+    loads, so this runs in a fresh process."""
+    code = ("import uncertain_seg_ros.ros, cv2, numpy as np, sys; sys.path.insert(0, 'benchmarks'); "
+            "from fuzz_node import png_bomb; buf = np.frombuffer(png_bomb(8192, 8193), np.uint8); "
+            "ok = cv2.imdecode(np.frombuffer(png_bomb(8192, 8192), np.uint8), cv2.IMREAD_UNCHANGED).shape; "
+            "assert ok == (8192, 8192), ok\n"
+            "try:\n    cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)\nexcept cv2.error as e:\n"
+            "    assert 'CV_IO_MAX_IMAGE_PIXELS' in str(e)\nelse:\n    raise AssertionError('decoded')")
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60, env=env)

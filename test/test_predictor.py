@@ -79,3 +79,45 @@ def test_overlay_hand_worked():
     out = overlay(image, colours, mask, alpha=0.25)
     assert out[0, 0].tolist() == [125, 75, 75]
     assert out[0, 1].tolist() == [128, 25, 128]
+
+
+@pytest.mark.parametrize("source", ["max_softmax", "entropy", "learned"])
+def test_non_finite_network_outputs_fail_closed(source):
+    """NaN and inf logits or predicted loss: those pixels are uncertain (1), mask on, counted; finite
+    pixels are untouched. Without the step NaN > threshold is False: 'certain'."""
+    from uncertain_seg_ros.calibration import Calibration
+    from uncertain_seg_ros.prediction import decode
+
+    logits = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    loss = torch.rand(2, 1, 4, 5, generator=torch.Generator().manual_seed(1))
+    clean = decode(logits, loss, (4, 5), Calibration(), source, 0.5)
+    logits[0, :, 1, 2] = float("nan")
+    logits[0, 0, 3, 4], logits[0, 1, 3, 4] = float("inf"), float("-inf")
+    loss[0, 0, 1, 2] = loss[0, 0, 3, 4] = float("nan")
+    pred = decode(logits, loss, (4, 5), Calibration(), source, 0.5)
+    bad = torch.zeros(2, 4, 5, dtype=torch.bool)
+    bad[0, 1, 2] = bad[0, 3, 4] = True
+    assert pred.nonfinite.tolist() == [2, 0]
+    assert pred.mask[bad].all() and (pred.uncertainty[bad] == 1.0).all() and (pred.confidence[bad] == 0.0).all()
+    assert torch.equal(pred.uncertainty[~bad], clean.uncertainty[~bad]) and torch.equal(pred.mask[~bad], clean.mask[~bad])
+
+
+def test_frames_above_max_output_pixels_are_answered_reduced(bundle):
+    """A frame above max_output_pixels gives outputs at the reduced size (same aspect ratio), equal to
+    the outputs of the frame shrunk by area averaging; frames within the limit keep their size."""
+    import cv2
+
+    from uncertain_seg_ros.preprocessing import reduced_size
+
+    assert reduced_size(3000, 4000, 1920 * 1080) == (1247, 1662)
+    assert reduced_size(1, 5000, 100) == (1, 100) and reduced_size(60, 80, 4800) == (60, 80)
+    rng = np.random.default_rng(3)
+    big, small = rng.integers(0, 255, (90, 120, 3), dtype=np.uint8), rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    predictor = Predictor(bundle, PredictorOptions(max_output_pixels=40 * 30))
+    out_big, out_small = predictor.run([big, small], {"labels", "overlay"})
+    assert out_big.labels.shape == (30, 40) and out_big.overlay.shape == (30, 40, 3)
+    shrunk = cv2.resize(big, (40, 30), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(out_big.labels, Predictor(bundle).run([shrunk], {"labels"})[0].labels)
+    assert out_small.labels.shape == (30, 40)
+    with pytest.raises(ValueError, match="max_output_pixels must be >= 1"):
+        PredictorOptions(max_output_pixels=0)

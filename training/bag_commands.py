@@ -26,7 +26,8 @@ files, ROS 1 .bag files), read with the pure-Python rosbags library: no ROS inst
 
   info     topics of each bag: type, message count, rate
   extract  image topics -> image files for training, with stride / minimum interval / near-duplicate
-           sampling; corrupt messages are counted and skipped
+           sampling; corrupt messages are counted and skipped, and a damaged bag (a recording cut
+           off, a corrupt record or page) is read as far as it is intact, with what was lost
   write    a folder of images -> a rosbag2 bag (raw Image or JPEG CompressedImage)
 """
 
@@ -62,6 +63,8 @@ def _extract(args: argparse.Namespace) -> int:
     print(f"extracted {count} frames to {args.out}")
     print(f"read {stats.read}  kept {stats.kept}  skipped stride {stats.skipped_stride}  "
           f"interval {stats.skipped_interval}  duplicate {stats.skipped_duplicate}  corrupt {stats.corrupt}")
+    for line in stats.damaged:
+        print(f"damaged bag {line}")
     return 0
 
 
@@ -93,7 +96,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
         "each kept frame as OUT/<topic folder>/<stamp_ns>.<format>, the topic folder being the topic without its "
         "leading / and with / as _ (/camera/image_raw -> camera_image_raw). Sampling is per topic: --stride first, "
         "then --min-interval on the header stamps, then --dedupe on 32x24 grey thumbnails. Corrupt messages "
-        "are logged, counted and skipped. Example: uncertain-seg bag extract run1/ run2/ --out frames "
+        "are logged, counted and skipped; a damaged bag (an MCAP file cut off by a killed recorder, a corrupt record, "
+        "a chunk failing its CRC, a corrupt sqlite3 page) is read as far as it is intact and the summary says what "
+        "was lost. Example: uncertain-seg bag extract run1/ run2/ --out frames "
         f"--topic /camera/image_raw/compressed --min-interval 0.5 --dedupe {DEFAULT_DEDUPE_THRESHOLD}"))
     p.add_argument("bags", nargs="+", metavar="BAG", help="rosbag2 folder, .mcap/.db3 file or ROS 1 .bag file")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (one sub-folder per topic)")

@@ -30,7 +30,7 @@ from uncertain_seg_ros.uncertainty import UNCERTAINTY_SOURCES
 
 from . import distributed
 from .augment import AugmentConfig, sample_rng, train_transform
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import LOADED_FROM, load_checkpoint, save_checkpoint, settle_checkpoint
 from .datasets import LabelledFolder
 from .losses import CLASS_WEIGHTINGS, class_weights, ranking_loss
 
@@ -243,9 +243,11 @@ def start_or_resume(cfg: LoopConfig, model: torch.nn.Module, optimizer: torch.op
     log_path = out / "train_log.jsonl"
     if cfg.resume:
         state = load_checkpoint(out / "checkpoint", model, optimizer)
+        distributed.barrier()  # every process has read it before the main one tidies the folder
         if dist.is_main:
+            settle_checkpoint(out / "checkpoint", Path(state[LOADED_FROM]))
             _trim_log(log_path, state["step"])
-            log.info("resumed from %s at step %d", out / "checkpoint", state["step"])
+            log.info("resumed from %s at step %d", state[LOADED_FROM], state["step"])
         return state["step"], state
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def leftovers(path: str | os.PathLike) -> list[Path]:
+    """Folders that :func:`atomic_directory` calls on ``path`` left behind when their process was killed:
+    the temporary new folder (``.<name>.*.tmp``, complete or not) and the previous one moved aside
+    (``.<name>.old-<pid>``), sorted by name. A kill between its two renames leaves both and no ``path``."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    found = [*path.parent.glob(f".{path.name}.*.tmp"), *path.parent.glob(f".{path.name}.old-*")]
+    return sorted(p for p in found if p.is_dir())
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Build a folder in a temporary sibling and swap it in only when the ``with`` block succeeds.

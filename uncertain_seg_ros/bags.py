@@ -6,14 +6,15 @@ install. Reads rosbag2 folders (sqlite3 or mcap storage), bare ``.mcap``/``.db3`
 
 - :class:`BagImageReader` streams :class:`BagFrame` s (RGB ``uint8`` arrays) from one or more bags,
   one message at a time, with per-topic sampling (stride, minimum interval, near-duplicate removal)
-  and corrupt messages counted and skipped rather than fatal.
+  and corrupt messages counted and skipped rather than fatal. Damaged bags (a recording cut off,
+  corrupt records or pages) are read as far as they are intact (:mod:`.bag_sources`).
 - :func:`bag_info` lists the topics of each bag with counts and rates.
-- :func:`write_image_bag` turns a folder of images into a rosbag2 bag (raw or JPEG-compressed).
+- :func:`write_image_bag` turns a folder of images into a rosbag2 bag (raw or JPEG-compressed), with
+  real MCAP chunk CRCs.
 - :func:`extract_frames` / :func:`write_frames` write the kept frames as image files.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
@@ -26,14 +27,13 @@ from typing import Any
 
 import cv2
 import numpy as np
-from rosbags.highlevel import AnyReader
 from rosbags.rosbag2 import StoragePlugin, Writer
-from rosbags.typesys import Stores, get_typestore
-from rosbags.typesys.store import Typestore
 from tqdm import tqdm
 
+from .bag_sources import BagError, BagOpenError, bag_messages, open_source, typestore
 from .image_files import list_images, read_rgb
 from .image_encoding import array_to_raw, compressed_to_rgb8, image_to_rgb8
+from .mcap_records import write_crcs
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,8 @@ ROSBAG2_VERSION = 8
 """rosbag2 metadata version written: the oldest rosbags writes, for the widest reader compatibility."""
 
 
-class BagError(Exception):
-    """Base class of the errors raised here for bags that cannot be used as asked."""
-
-
-class BagOpenError(BagError, OSError):
-    """A bag path is missing or cannot be opened; the message names the path."""
+__all__ = ["BagError", "BagOpenError", "BagTopicError", "BagFrame", "BagImageReader", "ReaderStats", "TopicInfo",
+           "bag_info", "extract_frames", "thumbnail", "topic_folder_name", "write_frames", "write_image_bag"]
 
 
 class BagTopicError(BagError, ValueError):
@@ -103,7 +99,8 @@ class ReaderStats:
 
     Every message read lands in exactly one of the other counters, in the order the checks run:
     stride (before deserialising), corrupt (deserialisation), interval, corrupt (decoding),
-    duplicate, kept.
+    duplicate, kept. Messages a damaged bag lost are not among them: ``damaged`` says, per bag,
+    what was lost and how much.
     """
 
     read: int = 0
@@ -112,11 +109,13 @@ class ReaderStats:
     skipped_interval: int = 0
     skipped_duplicate: int = 0
     corrupt: int = 0
+    damaged: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        """One line for logs and the command line."""
-        return (f"read {self.read}, kept {self.kept}, skipped: stride {self.skipped_stride}, "
+        """One line for logs and the command line (plus one per damaged bag)."""
+        line = (f"read {self.read}, kept {self.kept}, skipped: stride {self.skipped_stride}, "
                 f"interval {self.skipped_interval}, duplicate {self.skipped_duplicate}, corrupt {self.corrupt}")
+        return "\n".join([line, *(f"damaged bag {d}" for d in self.damaged)])
 
 
 @dataclass
@@ -126,28 +125,6 @@ class _TopicState:
     seen: int = 0
     last_stamp_ns: int | None = None
     last_thumbnail: np.ndarray | None = field(default=None, repr=False)
-
-
-@functools.cache
-def _typestore(ros1: bool) -> Typestore:
-    """Message definitions used to write, and to read bags that carry none (old rosbag2 sqlite3)."""
-    return get_typestore(Stores.ROS1_NOETIC if ros1 else Stores.ROS2_JAZZY)
-
-
-def _is_ros1(path: Path) -> bool:
-    return path.suffix == ".bag"
-
-
-def _open(path: Path) -> AnyReader:
-    """An opened AnyReader on one bag, or a BagOpenError naming the path."""
-    if not path.exists():
-        raise BagOpenError(f"bag not found: {path}")
-    try:
-        reader = AnyReader([path], default_typestore=_typestore(_is_ros1(path)))
-        reader.open()
-    except Exception as err:  # rosbags raises several unrelated types for unreadable bags
-        raise BagOpenError(f"cannot open bag {path}: {err}") from err
-    return reader
 
 
 def _topic_table(topics: dict[str, str]) -> str:
@@ -218,15 +195,15 @@ class BagImageReader:
         counts: dict[str, int] = {}
         non_image: set[str] = set()
         for path in self.paths:
-            reader = _open(path)
+            source = open_source(path)
             try:
-                for conn in reader.connections:
-                    available.setdefault(conn.topic, conn.msgtype)
-                    if conn.msgtype not in IMAGE_TYPES:
-                        non_image.add(conn.topic)
-                    counts[conn.topic] = counts.get(conn.topic, 0) + max(int(conn.msgcount), 0)
+                for topic, msgtype in source.topics.items():
+                    available.setdefault(topic, msgtype)
+                    if msgtype not in IMAGE_TYPES:
+                        non_image.add(topic)
+                    counts[topic] = counts.get(topic, 0) + source.counts[topic]
             finally:
-                reader.close()
+                source.close()
         if requested is None:
             topics = sorted(t for t in available if t not in non_image)
             if not topics:
@@ -254,53 +231,46 @@ class BagImageReader:
         log.warning("corrupt message skipped: bag %s, topic %s, index %d: %s", path, topic, index, reason)
 
     def _read_bag(self, path: Path, state: dict[str, _TopicState]) -> Iterator[BagFrame]:
-        reader = _open(path)
-        try:
-            connections = [c for c in reader.connections if c.topic in self.topics]
-            if not connections:
-                log.info("bag %s has none of the topics %s", path, ", ".join(self.topics))
-                return
-            indices: dict[str, int] = {}
-            for conn, receive_ns, raw in reader.messages(connections=connections):
-                topic = conn.topic
-                index = indices.get(topic, 0)
-                indices[topic] = index + 1
-                topic_state = state.setdefault(topic, _TopicState())
-                self.stats.read += 1
-                seen, topic_state.seen = topic_state.seen, topic_state.seen + 1
-                if seen % self.stride:
-                    self.stats.skipped_stride += 1
+        indices: dict[str, int] = {}
+        for source, (topic, msgtype, receive_ns, raw) in bag_messages(path, set(self.topics), self.stats.damaged.append):
+            index = indices.get(topic, 0)
+            indices[topic] = index + 1
+            topic_state = state.setdefault(topic, _TopicState())
+            self.stats.read += 1
+            seen, topic_state.seen = topic_state.seen, topic_state.seen + 1
+            if seen % self.stride:
+                self.stats.skipped_stride += 1
+                continue
+            try:
+                msg = source.deserialize(raw, msgtype)
+                stamp_ns = _stamp_ns(msg.header, receive_ns)
+                frame_id = str(msg.header.frame_id)
+            except Exception as err:  # garbage bytes surface as many error types in the deserialiser
+                self._corrupt(path, topic, index, f"cannot deserialise {msgtype}: {type(err).__name__}: {err}")
+                continue
+            last = topic_state.last_stamp_ns
+            if self.min_interval_ns and last is not None and abs(stamp_ns - last) < self.min_interval_ns:
+                self.stats.skipped_interval += 1
+                continue
+            try:
+                image = _decode_message(msgtype, msg)
+                if not image.flags.writeable:
+                    image = image.copy()
+            except (ValueError, cv2.error) as err:
+                self._corrupt(path, topic, index, f"{type(err).__name__}: {err}")
+                continue
+            if self.dedupe_threshold is not None:
+                thumb = thumbnail(image)
+                previous = topic_state.last_thumbnail
+                if previous is not None and float(np.mean(np.abs(thumb - previous))) < self.dedupe_threshold:
+                    self.stats.skipped_duplicate += 1
                     continue
-                try:
-                    msg = reader.deserialize(raw, conn.msgtype)
-                    stamp_ns = _stamp_ns(msg.header, receive_ns)
-                    frame_id = str(msg.header.frame_id)
-                except Exception as err:  # garbage bytes surface as many error types in the deserialiser
-                    self._corrupt(path, topic, index, f"cannot deserialise {conn.msgtype}: {type(err).__name__}: {err}")
-                    continue
-                last = topic_state.last_stamp_ns
-                if self.min_interval_ns and last is not None and abs(stamp_ns - last) < self.min_interval_ns:
-                    self.stats.skipped_interval += 1
-                    continue
-                try:
-                    image = _decode_message(conn.msgtype, msg)
-                    if not image.flags.writeable:
-                        image = image.copy()
-                except (ValueError, cv2.error) as err:
-                    self._corrupt(path, topic, index, f"{type(err).__name__}: {err}")
-                    continue
-                if self.dedupe_threshold is not None:
-                    thumb = thumbnail(image)
-                    previous = topic_state.last_thumbnail
-                    if previous is not None and float(np.mean(np.abs(thumb - previous))) < self.dedupe_threshold:
-                        self.stats.skipped_duplicate += 1
-                        continue
-                    topic_state.last_thumbnail = thumb
-                topic_state.last_stamp_ns = stamp_ns
-                self.stats.kept += 1
-                yield BagFrame(topic, stamp_ns, frame_id, image, path, index)
-        finally:
-            reader.close()
+                topic_state.last_thumbnail = thumb
+            topic_state.last_stamp_ns = stamp_ns
+            self.stats.kept += 1
+            yield BagFrame(topic, stamp_ns, frame_id, image, path, index)
+        if not indices:
+            log.info("bag %s has none of the topics %s", path, ", ".join(self.topics))
 
 
 def bag_info(paths: Sequence[str | os.PathLike[str]]) -> list[TopicInfo]:
@@ -313,18 +283,16 @@ def bag_info(paths: Sequence[str | os.PathLike[str]]) -> list[TopicInfo]:
         paths = [paths]
     infos: list[TopicInfo] = []
     for path in map(Path, paths):
-        reader = _open(path)
-        try:
-            types = {c.topic: c.msgtype for c in reader.connections}
-            counts = dict.fromkeys(types, 0)
-            first: dict[str, int] = {}
-            last: dict[str, int] = {}
-            for conn, receive_ns, _ in reader.messages():
-                counts[conn.topic] += 1
-                first[conn.topic] = min(first.get(conn.topic, receive_ns), receive_ns)
-                last[conn.topic] = max(last.get(conn.topic, receive_ns), receive_ns)
-        finally:
-            reader.close()
+        source = open_source(path)
+        types = dict(source.topics)
+        source.close()
+        counts = dict.fromkeys(types, 0)
+        first: dict[str, int] = {}
+        last: dict[str, int] = {}
+        for _, (topic, _, receive_ns, _) in bag_messages(path, None, lambda line: log.warning("damaged bag %s", line)):
+            counts[topic] += 1
+            first[topic] = min(first.get(topic, receive_ns), receive_ns)
+            last[topic] = max(last.get(topic, receive_ns), receive_ns)
         for topic in sorted(types):
             n, span = counts[topic], last.get(topic, 0) - first.get(topic, 0)
             rate = (n - 1) / (span * 1e-9) if n >= 2 and span > 0 else None
@@ -387,8 +355,10 @@ def write_image_bag(images: Sequence[str | os.PathLike[str]] | str | os.PathLike
     mono8, mono16); ``compressed=True`` writes ``sensor_msgs/msg/CompressedImage`` JPEGs on
     ``<topic>/compressed`` with image_transport's format string (``"rgb8; jpeg compressed bgr8"``).
     Stamps start at ``start_ns`` (default: now) and are 1/fps apart; header stamp = bag time.
-    Storage is ``"mcap"`` or ``"sqlite3"``. Refuses to overwrite ``out``; the bag is built in a
-    temporary sibling folder and renamed into place, so ``out`` never holds a half-written bag.
+    Storage is ``"mcap"`` or ``"sqlite3"``; MCAP files get real chunk, data-section and summary
+    CRCs (rosbags leaves them 0, "not computed"), so that later corruption is detected. Refuses to
+    overwrite ``out``; the bag is built in a temporary sibling folder and renamed into place, so
+    ``out`` never holds a half-written bag.
     """
     out = Path(out)
     if storage not in STORAGES:
@@ -403,18 +373,18 @@ def write_image_bag(images: Sequence[str | os.PathLike[str]] | str | os.PathLike
         raise FileExistsError(f"{out} exists already; not overwriting it")
     files = _list_images(images)
     start_ns = time.time_ns() if start_ns is None else int(start_ns)
-    typestore = _typestore(False)
+    store = typestore(False)
     msgtype = "sensor_msgs/msg/CompressedImage" if compressed else "sensor_msgs/msg/Image"
     out_topic = f"{topic.rstrip('/')}/compressed" if compressed else topic
-    Header, Time = typestore.types["std_msgs/msg/Header"], typestore.types["builtin_interfaces/msg/Time"]
-    Msg = typestore.types[msgtype]
+    Header, Time = store.types["std_msgs/msg/Header"], store.types["builtin_interfaces/msg/Time"]
+    Msg = store.types[msgtype]
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         staging = staging_root / out.name
         with Writer(staging, version=ROSBAG2_VERSION, storage_plugin=STORAGES[storage]) as writer:
-            connection = writer.add_connection(out_topic, msgtype, typestore=typestore)
+            connection = writer.add_connection(out_topic, msgtype, typestore=store)
             for i, path in enumerate(tqdm(files, desc=f"write {out.name}", unit="image", disable=None)):
                 stamp = start_ns + int(round(i * 1e9 / fps))
                 header = Header(stamp=Time(sec=stamp // 1_000_000_000, nanosec=stamp % 1_000_000_000), frame_id=frame_id)
@@ -426,7 +396,9 @@ def write_image_bag(images: Sequence[str | os.PathLike[str]] | str | os.PathLike
                     height, width, step, data = _raw_fields(rgb, encoding)
                     msg = Msg(header=header, height=height, width=width, encoding=encoding, is_bigendian=0,
                               step=step, data=data)
-                writer.write(connection, stamp, typestore.serialize_cdr(msg, msgtype))
+                writer.write(connection, stamp, store.serialize_cdr(msg, msgtype))
+        for mcap in staging.glob("*.mcap"):
+            write_crcs(mcap)
         if out.exists():
             raise FileExistsError(f"{out} appeared while writing; not overwriting it")
         os.rename(staging, out)

@@ -11,6 +11,7 @@ changes. The :class:`Calibration` record lives in the bundle's ``config.json``; 
 weights live in the model (``UncertainSegmenter.selector``), hence in ``model.safetensors``.
 Fitting is offline, in ``uncertain_seg_training.calibrate``.
 """
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -100,10 +101,11 @@ class Calibration:
             object.__setattr__(self, "method", "none" if self.temperature == 1.0 else "temperature")
         if self.method not in CALIBRATION_METHODS:
             raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {self.method!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not self.selective_temperature > 0:
-            raise ValueError(f"selective_temperature must be > 0, got {self.selective_temperature}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be finite and > 0, got {self.temperature}")
+        if not (self.selective_temperature > 0 and math.isfinite(self.selective_temperature)):
+            raise ValueError(f"selective_temperature must be finite and > 0 (an infinite one flattens the flagged "
+                             f"pixels' probabilities and changes their labels), got {self.selective_temperature}")
         if not isinstance(self.fit, dict):
             raise ValueError(f"calibration fit must be a dict, got {type(self.fit).__name__}")
 

@@ -26,14 +26,20 @@ frames for a harmless layout quirk of a driver, and nothing outside the describe
 """
 from __future__ import annotations
 
+import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import cv2
 import numpy as np
 
+from .image_header import HeaderError, compressed_size
+from .native_stderr import captured_stderr
+
 __all__ = [
     "ImageDataError",
+    "ImageTooLargeError",
     "OUTPUT_ENCODINGS",
     "SUPPORTED_ENCODINGS",
     "UnsupportedEncodingError",
@@ -45,6 +51,8 @@ __all__ = [
     "raw_to_array",
     "to_rgb8",
 ]
+
+log = logging.getLogger(__name__)
 
 _U8 = np.dtype(np.uint8)
 _U16 = np.dtype(np.uint16)
@@ -128,6 +136,20 @@ class UnsupportedEncodingError(ValueError):
 
 class ImageDataError(ValueError):
     """The message's fields or bytes do not describe a valid image; the message says what is wrong."""
+
+
+class ImageTooLargeError(ImageDataError):
+    """The image declares more pixels than the caller allows; refused before anything is decoded."""
+
+    def __init__(self, what: str, width: int, height: int, max_pixels: int) -> None:
+        self.width, self.height, self.max_pixels = width, height, max_pixels
+        super().__init__(f"{what} is {width}x{height} ({width * height / 1e6:.1f} MP), above the limit of "
+                         f"{max_pixels} pixels ({max_pixels / 1e6:.1f} MP); not decoded")
+
+
+def _check_pixels(what: str, width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(what, width, height, max_pixels)
 
 
 def channels(encoding: str) -> int:
@@ -214,24 +236,36 @@ def to_rgb8(array: np.ndarray, encoding: str) -> np.ndarray:
 
 
 def image_to_rgb8(
-    encoding: str, height: int, width: int, step: int, is_bigendian: bool | int, data: Any
+    encoding: str, height: int, width: int, step: int, is_bigendian: bool | int, data: Any,
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     """(H, W, 3) uint8 RGB of a sensor_msgs/Image's fields: :func:`raw_to_array` then :func:`to_rgb8`.
 
-    For unpadded rgb8 the result is a view of ``data`` (no copy).
+    For unpadded rgb8 the result is a view of ``data`` (no copy). An image of more than
+    ``max_pixels`` pixels raises ImageTooLargeError before anything is converted.
     """
     if encoding not in _RGB_CONVERSIONS:
         raise UnsupportedEncodingError(encoding)
+    _check_pixels(f"{encoding} image", int(width), int(height), max_pixels)
     return to_rgb8(raw_to_array(encoding, height, width, step, is_bigendian, data), encoding)
 
 
-def compressed_to_rgb8(fmt: str, data: Any) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of a sensor_msgs/CompressedImage payload (JPEG, PNG, anything imdecode reads).
+def compressed_to_rgb8(
+    fmt: str, data: Any, max_pixels: int | None = None, decoder_log: Callable[[str], None] | None = None
+) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a sensor_msgs/CompressedImage payload (JPEG or PNG).
 
     ``fmt`` is informational ("jpeg", or image_transport's "rgb8; jpeg compressed bgr8"): the
     compressed plugin always stores BGR (or mono) pixels, which is what ``cv2.imdecode`` returns, so
     the decoded channel count decides the conversion. 16-bit PNGs are scaled like :func:`to_rgb8`.
     ``compressedDepth`` payloads (a custom header before the PNG, depth not colour) are rejected.
+
+    The size is read from the PNG/JPEG header first (:mod:`.image_header`): a payload that is
+    neither, or whose header is broken, is ImageDataError, and one declaring more than
+    ``max_pixels`` pixels is ImageTooLargeError, both without decoding. What the decoders print on
+    stderr is caught: for a payload that does not decode it is part of the error; for one that
+    decodes with warnings (e.g. a JPEG with extraneous bytes) each line goes to ``decoder_log``
+    (default: this module's logger, WARNING).
     """
     if "compresseddepth" in fmt.lower():
         raise UnsupportedEncodingError(
@@ -242,12 +276,21 @@ def compressed_to_rgb8(fmt: str, data: Any) -> np.ndarray:
     buffer = _as_byte_array(data)
     if buffer.size == 0:
         raise ImageDataError(f"empty compressed image (format {fmt!r}, 0 bytes)")
+    corrupt = f"corrupt or unsupported compressed image (format {fmt!r}, {buffer.size} bytes)"
     try:
-        decoded = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
-    except cv2.error:
-        decoded = None
+        width, height = compressed_size(buffer)
+    except HeaderError as exc:
+        raise ImageDataError(f"{corrupt}: {exc}") from None
+    _check_pixels(f"compressed image (format {fmt!r})", width, height, max_pixels)
+    with captured_stderr() as decoder_lines:
+        try:
+            decoded = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+        except cv2.error:
+            decoded = None
     if decoded is None:
-        raise ImageDataError(f"corrupt or unsupported compressed image (format {fmt!r}, {buffer.size} bytes)")
+        raise ImageDataError(corrupt + (f": {'; '.join(decoder_lines)}" if decoder_lines else ""))
+    for line in decoder_lines:
+        (decoder_log or _log_decoder_line)(line)
     if decoded.dtype not in (_U8, _U16):
         raise ImageDataError(
             f"compressed image (format {fmt!r}) decodes to {decoded.dtype}; only 8- and 16-bit images are supported"
@@ -260,6 +303,10 @@ def compressed_to_rgb8(fmt: str, data: Any) -> np.ndarray:
     if rgb.dtype == _U16:
         rgb = cv2.convertScaleAbs(rgb, alpha=_SCALE_16_TO_8)
     return rgb
+
+
+def _log_decoder_line(line: str) -> None:
+    log.warning("image decoder: %s", line)
 
 
 def array_to_raw(array: np.ndarray, encoding: str) -> tuple[int, int, int, bytes]:

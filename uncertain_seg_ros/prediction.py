@@ -22,6 +22,8 @@ class Prediction:
     mask: torch.Tensor
     probs: torch.Tensor
     predicted_loss: torch.Tensor
+    nonfinite: torch.Tensor | None = None
+    """(B,) int64: pixels per frame whose network outputs were not finite (see :func:`fail_closed`)."""
 
 
 def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -55,4 +57,20 @@ def decode(
     confidence, labels = probs.max(dim=1)
     loss = upsample(predicted_loss.float(), size)[:, 0]
     unc = uncertainty(source, probs, loss)
-    return Prediction(labels, confidence, unc, unc > mask_threshold, probs, loss)
+    return fail_closed(Prediction(labels, confidence, unc, unc > mask_threshold, probs, loss))
+
+
+def fail_closed(pred: Prediction) -> Prediction:
+    """Pixels whose confidence or uncertainty is not finite (the network gave NaN or inf) become
+    uncertain: uncertainty 1, confidence 0, mask on. Counted per frame in ``pred.nonfinite``.
+
+    NaN compares false with every threshold, so without this step a broken network would publish
+    class 0 as *certain* everywhere. The step is separate from :func:`decode`'s maths on purpose:
+    whatever computes the maps, this runs last.
+    """
+    bad = ~(torch.isfinite(pred.uncertainty) & torch.isfinite(pred.confidence))
+    pred.uncertainty = pred.uncertainty.masked_fill(bad, 1.0)
+    pred.confidence = pred.confidence.masked_fill(bad, 0.0)
+    pred.mask = pred.mask | bad
+    pred.nonfinite = bad.flatten(1).sum(dim=1)
+    return pred

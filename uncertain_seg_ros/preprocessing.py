@@ -1,6 +1,34 @@
 """Camera image -> network input, on whatever device the image tensor is on."""
+import math
+
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+def reduced_size(height: int, width: int, max_pixels: int) -> tuple[int, int]:
+    """The largest (height, width) with the same aspect ratio and at most ``max_pixels`` pixels.
+
+    Sides are scaled by the same factor and rounded down (at least 1); a frame within the limit
+    keeps its size.
+    """
+    if height * width <= max_pixels:
+        return height, width
+    scale = math.sqrt(max_pixels / (height * width))
+    h, w = max(1, int(height * scale)), max(1, int(width * scale))
+    while h * w > max_pixels:  # rounding of a 1-pixel side can overshoot
+        h, w = (h - 1, w) if h >= w else (h, w - 1)
+    return h, w
+
+
+def fit_pixels(image: np.ndarray, max_pixels: int | None) -> np.ndarray:
+    """``image`` (H, W[, C]) uint8, shrunk with area averaging to :func:`reduced_size` when it has more
+    than ``max_pixels`` pixels; otherwise ``image`` itself. Bounds what is computed per output pixel."""
+    if max_pixels is None or image.shape[0] * image.shape[1] <= max_pixels:
+        return image
+    h, w = reduced_size(image.shape[0], image.shape[1], max_pixels)
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
 
 
 def to_input(

@@ -15,7 +15,7 @@ from ..bundle import Bundle
 from ..colormap import COLORMAPS, colorize_labels, colorize_scalar
 from ..overlay import MARK_COLOR, overlay
 from ..prediction import decode
-from ..preprocessing import to_input
+from ..preprocessing import fit_pixels, to_input
 from .artifact_cache import ArtifactCache
 from .backend import BACKENDS, PRECISIONS, create_backend
 
@@ -34,12 +34,17 @@ class PredictorOptions:
     backend: str = "torch"
     max_batch: int = 1
     cache_dir: str | None = None
+    max_output_pixels: int | None = None
+    """Frames with more pixels are shrunk to this many (same aspect ratio) before anything is computed,
+    so their outputs come at that reduced size: memory and time per frame stay bounded."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", *BACKENDS):
             raise ValueError(f"backend must be auto or one of {BACKENDS}, got {self.backend!r}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_output_pixels is not None and self.max_output_pixels < 1:
+            raise ValueError(f"max_output_pixels must be >= 1, got {self.max_output_pixels}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
         if self.colormap not in COLORMAPS:
@@ -61,6 +66,8 @@ class FrameOutputs:
     mask: np.ndarray | None = None
     overlay: np.ndarray | None = None
     uncertain_fraction: float = 0.0
+    nonfinite_pixels: int = 0
+    """Pixels whose network outputs were not finite; they are published as uncertain (mask on)."""
 
 
 @dataclass
@@ -101,8 +108,14 @@ class Predictor:
 
     @torch.inference_mode()
     def prepare(self, images: list[np.ndarray]) -> Prepared:
-        """Upload (H, W, 3) uint8 RGB frames; resize and normalise each size group on the device."""
-        uploaded = [torch.from_numpy(np.ascontiguousarray(im)).to(self.device, non_blocking=True) for im in images]
+        """Upload (H, W, 3) uint8 RGB frames; resize and normalise each size group on the device.
+
+        A frame above ``options.max_output_pixels`` is shrunk on the host first (area averaging), so
+        its outputs are computed and published at the reduced size.
+        """
+        limit = self.options.max_output_pixels
+        uploaded = [torch.from_numpy(np.ascontiguousarray(fit_pixels(im, limit))).to(self.device, non_blocking=True)
+                    for im in images]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(uploaded):
             groups.setdefault(tuple(im.shape[:2]), []).append(i)
@@ -156,7 +169,7 @@ class Predictor:
         cfg = self.bundle.config
         pred = decode(logits, loss, size, cfg.calibration, cfg.uncertainty_source, self.threshold, selector=self.model.selector)
         labels, unc, mask = pred.labels[0], pred.uncertainty[0], pred.mask[0]
-        out = FrameOutputs(uncertain_fraction=float(mask.float().mean()))
+        out = FrameOutputs(uncertain_fraction=float(mask.float().mean()), nonfinite_pixels=int(pred.nonfinite[0]))
         labels_rgb = colorize_labels(labels, self.palette) if {"labels_color", "overlay"} & wanted else None
         host = {
             "labels": lambda: labels.to(torch.int32).cpu().numpy().astype(self.label_dtype),

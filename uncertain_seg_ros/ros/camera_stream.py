@@ -5,8 +5,9 @@ from rclpy.node import Node
 from sensor_msgs.msg import Image
 
 from ..inference import OUTPUT_KINDS
+from .diagnostics import PeriodCounts
 from .qos import qos_profile
-from .stream_stats import StreamStats
+from .stream_stats import StatsSnapshot, StreamStats
 
 OUTPUT_ENCODINGS = {
     "labels": "mono8",
@@ -42,7 +43,7 @@ class CameraStream:
         self._slot = None
         self._last_accepted = float("-inf")
         self._warned: set[str] = set()
-        self.bad_reported = 0
+        self._reported = PeriodCounts()
 
     def offer(self, msg, now: float) -> bool:
         """Called by the subscription callback; returns True when the frame was queued for inference."""
@@ -55,6 +56,7 @@ class CameraStream:
             if self._slot is not None:
                 self.stats.count("dropped")
             self._slot = (msg, now)
+        self.stats.accepted(now)
         return True
 
     @property
@@ -69,12 +71,23 @@ class CameraStream:
             item, self._slot = self._slot, None
         return item
 
+    def settle(self, now: float) -> None:
+        """The frame last taken reached its outcome (published, bad, failed, or nobody subscribed)."""
+        self.stats.settled(now, self.pending)
+
+    def since_last_report(self, snap: StatsSnapshot) -> PeriodCounts:
+        """Bad, failed and non-finite frames since the previous call (one call per diagnostics report)."""
+        now = PeriodCounts(bad=snap.bad, failed=snap.failed, nonfinite=snap.nonfinite)
+        last, self._reported = self._reported, now
+        return PeriodCounts(now.bad - last.bad, now.failed - last.failed, now.nonfinite - last.nonfinite)
+
     def wanted(self) -> set[str]:
         """Outputs that currently have at least one subscriber."""
         return {kind for kind, pub in self.publishers.items() if pub.get_subscription_count() > 0}
 
     def first_time(self, key: str) -> bool:
-        """True the first time ``key`` is seen on this camera (for log-once warnings)."""
+        """True the first time ``key`` is seen on this camera (for log-once warnings; keys are fixed
+        names, so the set stays as small as the number of such warnings)."""
         if key in self._warned:
             return False
         self._warned.add(key)

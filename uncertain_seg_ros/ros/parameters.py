@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
 
+from . import OPENCV_PIXEL_CAP
 from ..colormap import COLORMAPS
 from ..inference import BACKENDS as INFERENCE_BACKENDS
 from ..inference import OUTPUT_KINDS, PRECISIONS
@@ -34,6 +35,12 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "max_rate_hz": (0.0, "per-camera processing rate limit in Hz; 0 = as fast as frames come"),
     "batch_window_ms": (0.0, "with several cameras: after a new frame, wait up to this long for the other cameras' "
                              "new frames so that they share one network call; 0 = take only the frames already waiting"),
+    "max_input_pixels": (4096 * 3072, "frames with more pixels (width x height, read from the message fields or the "
+                                      "PNG/JPEG header, before decoding) are refused and counted as bad"),
+    "max_output_pixels": (1920 * 1080, "frames with more pixels are shrunk to this many (same aspect ratio) before "
+                                       "inference, and their outputs published at that size; bounds memory per frame"),
+    "stall_timeout": (10.0, "diagnostics turn ERROR when a frame has waited this many seconds for inference "
+                            "without an outcome (a hung or failing pipeline); 0 = not checked"),
     "uncertainty_alarm": (0.3, "diagnostics turn WARN when the fraction of uncertain pixels exceeds this, 0..1"),
     "diagnostics_period": (1.0, "seconds between /diagnostics messages"),
 }
@@ -63,6 +70,9 @@ class NodeSettings:
     mask_threshold: float | None
     max_rate_hz: float
     batch_window_ms: float
+    max_input_pixels: int
+    max_output_pixels: int
+    stall_timeout: float
     uncertainty_alarm: float
     diagnostics_period: float
 
@@ -127,6 +137,9 @@ def declare_and_read(node: Node) -> NodeSettings:
         mask_threshold=None if threshold < 0 else _in_range("mask_threshold", threshold, 0.0, 1.0),
         max_rate_hz=_in_range("max_rate_hz", p["max_rate_hz"], 0.0),
         batch_window_ms=_in_range("batch_window_ms", p["batch_window_ms"], 0.0),
+        max_input_pixels=_in_range("max_input_pixels", p["max_input_pixels"], 1, OPENCV_PIXEL_CAP),
+        max_output_pixels=_in_range("max_output_pixels", p["max_output_pixels"], 1),
+        stall_timeout=_in_range("stall_timeout", p["stall_timeout"], 0.0),
         uncertainty_alarm=_in_range("uncertainty_alarm", p["uncertainty_alarm"], 0.0, 1.0),
         diagnostics_period=_in_range("diagnostics_period", p["diagnostics_period"], 0.05),
     )

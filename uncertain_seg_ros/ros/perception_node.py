@@ -21,8 +21,9 @@ from rclpy.node import Node
 from sensor_msgs.msg import CompressedImage, Image
 
 from ..bundle import BundleError, load_bundle
-from ..image_encoding import ImageDataError, UnsupportedEncodingError
+from ..image_encoding import ImageDataError, ImageTooLargeError, UnsupportedEncodingError
 from ..inference import BackendUnavailable, Predictor, PredictorOptions, choose_backend
+from ..preprocessing import reduced_size
 from ..resources import resolve_bundle
 from .camera_stream import CameraStream
 from .conversions import array_to_message, message_to_rgb8
@@ -73,7 +74,8 @@ class PerceptionNode(Node):
         bundle_path = resolve_bundle(s.model)
         bundle = load_bundle(bundle_path, device)
         options = PredictorOptions(device, s.precision, s.mask_threshold, s.colormap, s.overlay_alpha, backend=self.backend,
-                                   max_batch=len(s.camera_topics), cache_dir=s.engine_cache or None)
+                                   max_batch=len(s.camera_topics), cache_dir=s.engine_cache or None,
+                                   max_output_pixels=s.max_output_pixels)
         self.predictor = Predictor(bundle, options)
         labels_encoding = "mono8" if self.predictor.label_dtype == np.uint8 else "mono16"
         self.info = {"backend": self.backend, "device": device, "precision": s.precision,
@@ -115,14 +117,31 @@ class PerceptionNode(Node):
     def _decode(self, camera: CameraStream, msg):
         """RGB array of a message, or None (logged, counted) for bad input; the node keeps running."""
         try:
-            return message_to_rgb8(msg)
+            image = message_to_rgb8(msg, self.settings.max_input_pixels, lambda line: self._decoder_said(camera, line))
         except UnsupportedEncodingError as exc:
-            if camera.first_time(f"encoding:{getattr(msg, 'encoding', getattr(msg, 'format', ''))}"):
-                self.get_logger().error(f"{camera.topic}: {exc}; skipping such frames (logged once)")
+            if camera.first_time("unsupported encoding"):
+                self.get_logger().error(f"{camera.topic}: {exc}; skipping such frames (logged once per topic)")
+        except ImageTooLargeError as exc:
+            self.get_logger().warning(f"{camera.topic}: frame refused: {exc} (parameter max_input_pixels)",
+                                      throttle_duration_sec=5.0)
         except (ImageDataError, ValueError) as exc:
             self.get_logger().warning(f"{camera.topic}: bad frame skipped: {exc}", throttle_duration_sec=5.0)
+        else:
+            self._note_reduced(camera, image.shape[0], image.shape[1])
+            return image
         camera.stats.count("bad")
         return None
+
+    def _decoder_said(self, camera: CameraStream, line: str) -> None:
+        self.get_logger().warning(f"{camera.topic}: image decoder: {line}", throttle_duration_sec=5.0)
+
+    def _note_reduced(self, camera: CameraStream, height: int, width: int) -> None:
+        """Say once per camera that its frames are answered at a reduced size (max_output_pixels)."""
+        limit = self.settings.max_output_pixels
+        if height * width > limit and camera.first_time("reduced output"):
+            h, w = reduced_size(height, width, limit)
+            self.get_logger().warning(f"{camera.topic}: {width}x{height} frames are above max_output_pixels ({limit}); "
+                                      f"their outputs are computed and published at {w}x{h} (logged once per topic)")
 
     def _gather(self) -> None:
         """Wait up to ``batch_window_ms`` after a new frame until every camera has one (or the node stops)."""
@@ -150,28 +169,43 @@ class PerceptionNode(Node):
                 image = self._decode(camera, item[0])
                 if image is not None and wanted:
                     batch.append((camera, item, image, wanted))
-            if not batch:
-                continue
-            try:
-                results = self.predictor.run([b[2] for b in batch], [b[3] for b in batch])
-            except Exception as exc:  # a failing frame must not kill the node; the reason is logged
-                self.get_logger().error(f"inference failed: {exc!r}", throttle_duration_sec=5.0)
-                continue
+                else:
+                    camera.settle(time.monotonic())
+            if batch:
+                self._infer_and_publish(batch)
+
+    def _infer_and_publish(self, batch: list) -> None:
+        """One network call for the batch, then each camera's outputs. A failure is logged and counted
+        on the cameras it cost a frame, and the node goes on with the next frames."""
+        done = set()
+        try:
+            results = self.predictor.run([b[2] for b in batch], [b[3] for b in batch])
             for (camera, (msg, arrived), _, wanted), out in zip(batch, results):
                 for kind in wanted:
                     camera.publishers[kind].publish(array_to_message(getattr(out, kind), camera.encodings[kind], msg.header))
                 now = time.monotonic()
-                camera.stats.published(now, now - arrived, out.uncertain_fraction, len(batch))
+                camera.stats.published(now, now - arrived, out.uncertain_fraction, len(batch), out.nonfinite_pixels)
+                camera.settle(now)
+                done.add(camera.topic)
+                if out.nonfinite_pixels:
+                    self.get_logger().error(f"{camera.topic}: the network gave non-finite outputs on {out.nonfinite_pixels} "
+                                            "pixels; they are published as uncertain (mask on)", throttle_duration_sec=5.0)
+        except Exception as exc:  # a failing frame must not kill the node; the reason is logged and counted
+            self.get_logger().error(f"inference failed: {exc!r}", throttle_duration_sec=5.0)
+            now = time.monotonic()
+            for camera in (b[0] for b in batch if b[0].topic not in done):
+                camera.stats.inference_failed(f"{type(exc).__name__}: {exc}"[:200])
+                camera.settle(now)
 
     def _publish_diagnostics(self) -> None:
         array = DiagnosticArray()
         array.header.stamp = self.get_clock().now().to_msg()
+        s = self.settings
         for camera in self.cameras:
             snap = camera.stats.snapshot()
             info = {**self.info, "outputs_subscribed": ",".join(sorted(camera.wanted()))}
-            array.status.append(camera_status(camera.topic, snap, snap.bad - camera.bad_reported,
-                                              self.settings.uncertainty_alarm, info))
-            camera.bad_reported = snap.bad
+            array.status.append(camera_status(camera.topic, snap, camera.since_last_report(snap), s.uncertainty_alarm,
+                                              s.stall_timeout, info))
         self.diagnostics.publish(array)
 
     def destroy_node(self) -> None:
