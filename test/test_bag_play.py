@@ -47,3 +47,28 @@ def test_bag_play_missing_topic_lists_the_bag_topics(labelled_folder, tmp_path):
     cli = installed_script()
     proc = subprocess.run([str(cli), "bag", "play", str(bag), "--topic", "/nope"], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "/cam/image_raw (sensor_msgs/msg/Image)" in proc.stderr
+
+
+def test_bag_play_says_which_subscribers_matched_late(labelled_folder, tmp_path):
+    """The manual node + record + bag play pipeline lost frames silently: the player starts once it sees one
+    subscriber, and one that matches later misses what was sent before (volatile QoS). The player now says so.
+    Also: --remap no longer reaches rcl (no "This syntax is deprecated" warning) and applies."""
+    isolate()
+    bag = write_image_bag(labelled_folder / "images", tmp_path / "bag", topic="/cam/image_raw", fps=2)
+    early, late = Tester("early_subscriber"), Tester("late_subscriber")
+    try:
+        early.subscribe(Image, "/front/image_raw")
+        proc = subprocess.Popen([installed_script(), "bag", "play", str(bag), "--remap", "/cam/image_raw:=/front/image_raw"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+        early.wait(lambda: len(early.messages("/front/image_raw")) >= 1, 60, "the first frame")
+        late.subscribe(Image, "/front/image_raw")
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        assert "/cam/image_raw: 6 messages" in out and len(early.messages("/front/image_raw")) == 6
+        assert len(late.messages("/front/image_raw")) < 6
+        assert ("warning: /cam/image_raw: 1 subscriber(s) when playing started, 2 at the end: the later one(s) missed "
+                "the messages sent before they matched. Give --wait-subscribers 2") in err
+        assert "deprecated" not in err
+    finally:
+        early.close()
+        late.close()

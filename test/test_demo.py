@@ -27,3 +27,6 @@ def test_demo_answers_every_frame_and_writes_a_montage(tmp_path):
         image = cv2.imread(str(files[0]), cv2.IMREAD_UNCHANGED)
         assert image.shape[:2] == (360, 480), kind
     assert cv2.imread(str(next((out / "uncertainty").glob("*.png"))), cv2.IMREAD_UNCHANGED).dtype.name == "uint16"
+    assert {p.name for p in out.iterdir()} == {"input", "labels", "labels_color", "uncertainty", "uncertainty_color", "mask",
+                                               "overlay", "montage.png", "summary.json", "node.log", "README.txt"}
+    assert "looks black" in (out / "README.txt").read_text()  # labels/ and uncertainty/ are data, said where one looks
