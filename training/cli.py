@@ -57,7 +57,7 @@ class CommandParser(argparse.ArgumentParser):
         return super().format_usage()
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, required: Sequence[str] = ()) -> None:
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, required: Sequence[str] = ()) -> None:
     """One ``--option`` per dataclass field, with its help text, choices and default (stated once, if any)."""
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
@@ -89,7 +89,7 @@ def _add_overwrite(parser: argparse.ArgumentParser, what: str) -> None:
 def _train_options(p: argparse.ArgumentParser) -> None:
     from .train import TrainConfig
 
-    add_dataclass_options(p, TrainConfig, required=("data",))
+    _add_dataclass_options(p, TrainConfig, required=("data",))
     p.add_argument("--from-scratch", action="store_true",
                    help="start the backbone from random weights, on purpose (required unless --pretrained or "
                         "--download-pretrained is given: a DINOv2 backbone is useful from its official weights)")
@@ -117,7 +117,7 @@ def _train(args: argparse.Namespace) -> int:
 def _adapt_options(p: argparse.ArgumentParser) -> None:
     from .adapt import AdaptConfig
 
-    add_dataclass_options(p, AdaptConfig, required=("bundle", "data"))
+    _add_dataclass_options(p, AdaptConfig, required=("bundle", "data"))
     _add_overwrite(p, "start a new run in --out although it holds a previous run's checkpoint/, train_log.jsonl, "
                       "bundle/ or target_frames/ (they are removed first); without it, only --resume continues there")
 
