@@ -94,7 +94,8 @@ class BagPlayer:
                 else:
                     data = bytes(reader.typestore.ros1_to_cdr(raw, connection.msgtype))
                 publisher = self.publishers[connection.topic]
-                report.subscribers_at_start.setdefault(connection.topic, publisher.get_subscription_count())
+                if connection.topic not in report.subscribers_at_start:
+                    report.subscribers_at_start[connection.topic] = publisher.get_subscription_count()
                 publisher.publish(data)
                 report.published[connection.topic] += 1
                 report.sent_at[(connection.topic, timestamp)] = time.monotonic()
