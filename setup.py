@@ -1,9 +1,12 @@
 """uncertain_seg_ros: installable with pip (``pip install -e .``) and buildable with colcon (ament_python)."""
 from glob import glob
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
 PACKAGE = "uncertain_seg_ros"
+# Beside this file, not in the working directory: colcon runs setup.py from its build folder.
+README = Path(__file__).resolve().parent / "README.md"
 # ROS 2 Jazzy's Python packages as wheels, for machines without a ROS install (a sourced ROS 2
 # workspace provides them otherwise). The message packages are pinned to Jazzy's 5.3.x.
 ROS_WHEELS = ["ros-jazzy-rclpy[fastrtps]", "ros-sensor-msgs==5.3.6", "ros-std-msgs==5.3.6", "ros-diagnostic-msgs==5.3.6"]
@@ -32,7 +35,7 @@ setup(
     name=PACKAGE,
     version="0.1.0",
     description="DINOv2 semantic segmentation with per-pixel uncertainty for ROS 2, plus offline adaptation and calibration",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=README.read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",

@@ -3,19 +3,36 @@
     ros2 launch uncertain_seg_ros perception.launch.py camera_topics:="['/front/image_raw']" rviz:=true
 
 Arguments mirror the node's parameters and override the params file; the rest goes in the params file.
+RViz shows the first camera's outputs (config/perception.rviz rendered for its namespace); where rviz2
+is not installed, the launch says so and starts the node alone.
 """
 import os
 from typing import List
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
+from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction
 from launch.conditions import IfCondition
 from launch.substitutions import EnvironmentVariable, LaunchConfiguration
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 
+from uncertain_seg_ros.ros.rviz_config import (
+    RVIZ_MISSING, first_camera, params_file_output_namespace, rviz_installed, write_rviz_config)
+
 PACKAGE = "uncertain_seg_ros"
+
+
+def _rviz(context, dds: dict) -> list:
+    """RViz on the first camera's outputs, or one line saying that rviz2 is missing (the node runs anyway)."""
+    if not IfCondition(LaunchConfiguration("rviz")).evaluate(context):
+        return []
+    if not rviz_installed():
+        return [LogInfo(msg=RVIZ_MISSING)]
+    camera = first_camera(LaunchConfiguration("camera_topics").perform(context))
+    sub_namespace = params_file_output_namespace(LaunchConfiguration("params_file").perform(context))
+    config = write_rviz_config(camera, sub_namespace)
+    return [Node(package="rviz2", executable="rviz2", name="rviz2", arguments=["-d", str(config)], additional_env=dds)]
 
 
 def generate_launch_description() -> LaunchDescription:
@@ -31,8 +48,10 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("device", default_value="auto", description="auto, cpu, cuda or cuda:N"),
         DeclareLaunchArgument("transport", default_value="raw", description="raw or compressed"),
         DeclareLaunchArgument("input_qos", default_value="sensor_data",
-                              description="sensor_data, reliable, best_effort or system_default"),
-        DeclareLaunchArgument("rviz", default_value="false", description="also start RViz with config/perception.rviz"),
+                              description="sensor_data, reliable, best_effort, transient_local (reliable, keeps late "
+                                          "joiners' samples: deterministic bag playback) or system_default"),
+        DeclareLaunchArgument("rviz", default_value="false",
+                              description="also start RViz with config/perception.rviz, showing the first camera's outputs"),
         DeclareLaunchArgument(
             "dds_profile",
             default_value=EnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE",
@@ -60,12 +79,4 @@ def generate_launch_description() -> LaunchDescription:
             },
         ],
     )
-    rviz = Node(
-        package="rviz2",
-        executable="rviz2",
-        name="rviz2",
-        arguments=["-d", os.path.join(share, "config", "perception.rviz")],
-        additional_env=dds,
-        condition=IfCondition(LaunchConfiguration("rviz")),
-    )
-    return LaunchDescription([*arguments, node, rviz])
+    return LaunchDescription([*arguments, node, OpaqueFunction(function=_rviz, args=[dds])])

@@ -1,5 +1,7 @@
 """Shared fixtures: tiny models, bundles and labelled folders made in the test, plus the CamVid location."""
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import cv2
@@ -17,6 +19,26 @@ from uncertain_seg_ros.model import SegmenterConfig, UncertainSegmenter, backbon
 REPO = Path(__file__).resolve().parents[1]
 CAMVID = Path(os.environ.get("UNCERTAIN_SEG_CAMVID", REPO.parent / "shared" / "data" / "camvid"))
 TINY_CLASSES = [ClassInfo(0, "sky", (128, 128, 128)), ClassInfo(1, "road", (128, 64, 128)), ClassInfo(2, "car", (64, 0, 128))]
+
+
+def installed_script(name: str = "uncertain-seg") -> str:
+    """The installed console script, found where each kind of install puts it: beside this Python
+    (pip, a virtual environment), in the package's ``lib/uncertain_seg_ros`` (colcon, where ``ros2 run``
+    looks; setup.cfg's script_dir), else on PATH."""
+    folders = [Path(sys.executable).parent]
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_prefix
+
+        try:
+            folders.append(Path(get_package_prefix("uncertain_seg_ros")) / "lib" / "uncertain_seg_ros")
+        except (PackageNotFoundError, OSError):  # not built with colcon, or no sourced workspace
+            pass
+    except ImportError:
+        pass
+    found = next((p for p in (shutil.which(name, path=str(f)) for f in folders) if p), None) or shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: looked in {', '.join(map(str, folders))} and on PATH")
+    return found
 
 
 def tiny_model_config(num_classes: int = 3) -> SegmenterConfig:

@@ -105,9 +105,10 @@ def test_adapt_from_bag_resumes_exactly(source_bundle, labelled_folder, target_b
     assert all({"consistency", "gamma", "maskmatch", "pseudo_fraction"} <= set(x) for x in logs)
 
 
-def test_adapt_without_target_frames_is_an_error(source_bundle, labelled_folder, tmp_path):
-    with pytest.raises(ValueError, match="no target frames"):
-        cli_main(["adapt", "--bundle", str(source_bundle), "--data", str(labelled_folder), "--out", str(tmp_path), *TINY])
+def test_adapt_without_target_frames_is_an_error(source_bundle, labelled_folder, tmp_path, capsys):
+    assert cli_main(["adapt", "--bundle", str(source_bundle), "--data", str(labelled_folder), "--out", str(tmp_path), *TINY]) == 2
+    assert capsys.readouterr().err.strip() == ("uncertain-seg adapt: error: no target frames: give --target-bags and/or "
+                                               "--target-images")
 
 
 def test_adapt_torchrun_two_processes(source_bundle, labelled_folder, target_bag, tmp_path):

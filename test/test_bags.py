@@ -1,11 +1,11 @@
 """Bags in and out: real rosbag2 (mcap, sqlite3) and ROS 1 bags written with rosbags in tmp_path."""
-import argparse
 import logging
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import yaml
 from rosbags.rosbag1 import Writer as Writer1
 from rosbags.rosbag2 import StoragePlugin, Writer as Writer2
 from rosbags.typesys import Stores, get_typestore
@@ -19,7 +19,7 @@ from uncertain_seg_ros.bags import (
     extract_frames,
     write_image_bag,
 )
-from uncertain_seg_training.bag_commands import register
+from uncertain_seg_training.cli import main as cli_main
 
 TS2 = get_typestore(Stores.ROS2_JAZZY)
 TS1 = get_typestore(Stores.ROS1_NOETIC)
@@ -279,6 +279,34 @@ def test_bag_info(tmp_path: Path) -> None:
     assert infos["/chatter"].count == 1 and infos["/chatter"].rate_hz is None and not infos["/chatter"].is_image
 
 
+# What rosbag2 writes into metadata.yaml for a publisher with the default QoS (reliable, volatile, depth 10).
+OFFERED_QOS = [{"history": "keep_last", "depth": 10, "reliability": "reliable", "durability": "volatile",
+                "deadline": {"sec": 9223372036, "nsec": 854775807}, "lifespan": {"sec": 9223372036, "nsec": 854775807},
+                "liveliness": "automatic", "liveliness_lease_duration": {"sec": 9223372036, "nsec": 854775807},
+                "avoid_ros_namespace_conventions": False}]
+
+
+def test_bag_info_says_when_the_reader_disagrees_with_the_bags_index(tmp_path: Path, capsys) -> None:
+    """A rosbag2 whose metadata.yaml lists offered QoS that its MCAP channel does not carry: rosbags matches the
+    topic to the channel by name, type and QoS, yields none of the 5 messages the metadata lists, and
+    ``bag info`` says so instead of printing 0 as fact (the case of real rosbag2 talker bags: 0 of 10)."""
+    image = synthetic_images(1)[0]
+    path = write_ros2(tmp_path / "bag", [("/chatter", "sensor_msgs/msg/Image", START + i * 10**8,
+                                           image_msg(TS2, image, "rgb8", START)) for i in range(5)])
+    meta_file = path / "metadata.yaml"
+    meta = yaml.safe_load(meta_file.read_text())
+    meta["rosbag2_bagfile_information"]["topics_with_message_count"][0]["topic_metadata"]["offered_qos_profiles"] = OFFERED_QOS
+    meta_file.write_text(yaml.safe_dump(meta))
+    info = bag_info([path])[0]
+    assert (info.count, info.metadata_count, info.count_disagrees) == (0, 5, True)
+    assert cli_main(["bag", "info", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[1].split()[3:6] == ["0", "(index:", "5)"]
+    assert "the bag's index lists 5 messages but the reader (rosbags) yielded 0" in captured.err
+    good = write_ros2(tmp_path / "good", [("/cam", "sensor_msgs/msg/Image", START, image_msg(TS2, image, "rgb8", START))])
+    assert not bag_info([good])[0].count_disagrees and bag_info([good])[0].metadata_count == 1
+
+
 def test_extract_frames(tmp_path: Path) -> None:
     """extract_frames writes <out>/<topic>/<stamp_ns>.png files equal to the images."""
     images = synthetic_images(3)
@@ -290,16 +318,12 @@ def test_extract_frames(tmp_path: Path) -> None:
 
 
 def test_cli_write_info_extract(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """bag write, info and extract through the registered parser produce a bag, a table and files."""
-    parser = argparse.ArgumentParser()
-    bag_sub = register(parser.add_subparsers(dest="command"))
-    assert isinstance(bag_sub, argparse._SubParsersAction) and {"info", "extract", "write"} <= set(bag_sub.choices)
+    """bag write, info and extract through the command line produce a bag, a table and files."""
     folder = image_folder(tmp_path / "imgs", synthetic_images(4))
     bag = tmp_path / "bag"
 
     def run(*argv: str) -> str:
-        args = parser.parse_args(list(argv))
-        assert args.func(args) == 0
+        assert cli_main(list(argv)) == 0
         return capsys.readouterr().out
 
     run("bag", "write", str(folder), "--out", str(bag), "--fps", "5", "--storage", "sqlite3", "--frame-id", "f")
@@ -310,5 +334,6 @@ def test_cli_write_info_extract(tmp_path: Path, capsys: pytest.CaptureFixture[st
     out = run("bag", "extract", str(bag), "--out", str(tmp_path / "frames"), "--stride", "2", "--format", "jpg")
     assert "read 4" in out and "kept 2" in out and "stride 2" in out and "corrupt 0" in out
     assert len(list((tmp_path / "frames" / "camera_image_raw").glob("*.jpg"))) == 2
-    args = parser.parse_args(["bag", "write", str(folder), "--out", str(bag)])
-    assert args.func(args) == 1 and "exists" in capsys.readouterr().err
+    assert cli_main(["bag", "write", str(folder), "--out", str(bag)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("uncertain-seg bag write: error: ") and "exists" in err and len(err.splitlines()) == 1

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, tiny_model_config
+from conftest import REPO, installed_script, tiny_model_config
 from uncertain_seg_ros.bundle import load_bundle
 from uncertain_seg_ros.inference import OUTPUT_KINDS, FrameOutputs, Predictor, PredictorOptions
 from uncertain_seg_ros.inference.network import DeployedNetwork
@@ -241,7 +240,7 @@ def test_cli_through_a_real_ros_graph(tiny_bundle, tmp_path):
     """The node in its own process on two cameras: every row has convert/publish stages and an
     end-to-end latency and throughput; every frame is answered or (newest frame wins) accounted lost."""
     out = tmp_path / "r.json"
-    cli = Path(sys.executable).parent / "uncertain-seg"
+    cli = installed_script()
     proc = subprocess.run(
         [str(cli), "benchmark", "--model", str(tiny_bundle), "--device", "cpu", "--backends", "torch", "--frames",
          str(SAMPLES), "--camera-size", "96x72", "--cameras", "2", "--iterations", "2", "--warmup", "1",

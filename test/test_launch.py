@@ -5,12 +5,16 @@ parameter with the same default; RViz shows the topics the node publishes for th
 """
 import ast
 
+import pytest
 import yaml
 
 from uncertain_seg_ros.inference import OUTPUT_KINDS
 from uncertain_seg_ros.ros.camera_stream import output_namespace
 from uncertain_seg_ros.ros.dds_transport import PROFILE_VARIABLES
 from uncertain_seg_ros.ros.parameters import PARAMETERS
+from uncertain_seg_ros.ros.rviz_config import (
+    DEFAULT_OUTPUT_NAMESPACE, RVIZ_MISSING, first_camera, params_file_output_namespace, render_rviz_config,
+    rviz_installed, write_rviz_config)
 
 from conftest import REPO
 
@@ -52,10 +56,11 @@ def test_launch_starts_the_installed_executable_and_names_existing_files():
     assert next(k.value.id for k in node.keywords if k.arg == "package") == "PACKAGE"
     source = LAUNCH.read_text()
     assert 'PACKAGE = "uncertain_seg_ros"' in source
-    for relative in ("config/perception.yaml", "config/perception.rviz", "config/fastdds_large_images.xml"):
+    for relative in ("config/perception.yaml", "config/fastdds_large_images.xml"):
         folder, name = relative.split("/")
         assert f'"{folder}", "{name}"' in source
         assert (REPO / relative).is_file()
+    assert (REPO / "config" / "perception.rviz").is_file()  # rendered by rviz_config.write_rviz_config
     assert "perception_node = uncertain_seg_ros.ros.perception_node:main" in (REPO / "setup.py").read_text()
 
 
@@ -85,3 +90,66 @@ def test_rviz_config_shows_the_node_outputs():
     assert {f"{namespace}/{k}" for k in ("overlay", "uncertainty_color", "mask")} <= topics
     assert topics <= {f"{namespace}/{k}" for k in OUTPUT_KINDS}
     assert all(d["Topic"]["Reliability Policy"] == "Reliable" for d in displays)
+
+
+def _image_topics(text: str) -> dict[str, str]:
+    displays = yaml.safe_load(text)["Visualization Manager"]["Displays"]
+    return {d["Name"]: d["Topic"]["Value"] for d in displays if d["Class"] == "rviz_default_plugins/Image"}
+
+
+def test_rviz_config_follows_the_first_camera():
+    """The README's camera_topics:="['/front/image_raw']" rviz:=true shows /front/segmentation/*, not the
+    shipped /camera/... (empty panels); everything but the topics is the shipped layout."""
+    camera = first_camera("['/front/image_raw', '/rear/image_raw']")
+    assert camera == "/front/image_raw"
+    shipped = (REPO / "config" / "perception.rviz").read_text()
+    rendered = render_rviz_config(camera)
+    topics = _image_topics(rendered)
+    assert set(topics.values()) == {f"/front/segmentation/{k}" for k in ("overlay", "uncertainty_color", "mask", "labels_color")}
+    assert topics.keys() == _image_topics(shipped).keys()
+    layouts = [yaml.safe_load(rendered), yaml.safe_load(shipped)]
+    for layout in layouts:
+        for d in layout["Visualization Manager"]["Displays"]:
+            d["Topic"]["Value"] = None
+    assert layouts[0] == layouts[1]
+    assert set(_image_topics(render_rviz_config("/robot/left/image_raw", "seg")).values()) >= {"/robot/left/seg/overlay"}
+
+
+def test_first_camera_is_read_as_the_node_reads_it():
+    assert first_camera("/front/image_raw") == "/front/image_raw"
+    assert first_camera("[front/image_raw/compressed]") == "/front/image_raw"  # relative, compressed transport
+    for bad in ("[]", "[1]", "''"):
+        with pytest.raises(ValueError, match="camera_topics"):
+            first_camera(bad)
+
+
+def test_rviz_config_uses_the_params_files_output_namespace(tmp_path):
+    assert DEFAULT_OUTPUT_NAMESPACE == PARAMETERS["output_namespace"][0]
+    assert params_file_output_namespace(str(REPO / "config" / "perception.yaml")) == DEFAULT_OUTPUT_NAMESPACE
+    params = tmp_path / "p.yaml"
+    params.write_text("/**:\n  ros__parameters: {output_namespace: everyone}\n"
+                      "/perception_node:\n  ros__parameters: {output_namespace: seg}\n")
+    assert params_file_output_namespace(str(params)) == "seg"
+    params.write_text("/**:\n  ros__parameters: {output_namespace: everyone}\nother_node:\n  ros__parameters: {}\n")
+    assert params_file_output_namespace(str(params)) == "everyone"
+    path = write_rviz_config("/front/image_raw", "seg")
+    try:
+        assert "/front/seg/overlay" in _image_topics(path.read_text()).values()
+    finally:
+        path.unlink()
+
+
+def test_launch_starts_rviz_only_where_it_is_installed():
+    """rviz:=true without rviz2 used to fail the launch and orphan the node: the launch checks first and says so.
+    In this environment (pip wheels, no ROS install) rviz2 is missing."""
+    assert not rviz_installed()
+    assert "rviz2 is not installed" in RVIZ_MISSING and "\n" not in RVIZ_MISSING
+    tree = ast.parse(LAUNCH.read_text())
+    rviz = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_rviz")
+    calls = [ast.unparse(n.func) for n in ast.walk(rviz) if isinstance(n, ast.Call)]
+    assert calls.index("rviz_installed") < calls.index("Node") and "LogInfo" in calls
+    assert any(ast.unparse(c.func) == "OpaqueFunction" for c in _launch_calls_any())
+
+
+def _launch_calls_any() -> list[ast.Call]:
+    return [n for n in ast.walk(ast.parse(LAUNCH.read_text())) if isinstance(n, ast.Call)]

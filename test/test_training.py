@@ -20,7 +20,7 @@ from uncertain_seg_training.train import StepBatches, lr_factor, TrainConfig
 
 from conftest import write_labelled_folder
 
-TINY = ["--backbone", "demo_vitt14", "--input-size", "42", "56", "--batch-size", "2", "--workers", "0", "--log-every", "1",
+TINY = ["--backbone", "demo_vitt14", "--from-scratch", "--input-size", "42", "56", "--batch-size", "2", "--workers", "0", "--log-every", "1",
         "--uncertainty-hidden", "16", "--n-last-blocks", "2", "--warmup-steps", "2"]
 
 

@@ -9,7 +9,7 @@ import argparse
 import torch
 
 from uncertain_seg_ros.bundle import load_bundle
-from uncertain_seg_ros.inference import BACKENDS, PRECISIONS, ArtifactCache, BackendUnavailable, choose_backend, create_backend
+from uncertain_seg_ros.inference import BACKENDS, PRECISIONS, ArtifactCache, choose_backend, create_backend
 from uncertain_seg_ros.resources import resolve_bundle
 
 
@@ -26,19 +26,17 @@ def build_engine(model: str, backend: str, device: str, precision: str, cameras:
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        print(build_engine(args.model, args.backend, args.device, args.precision, args.cameras, args.cache))
-    except (BackendUnavailable, ValueError) as exc:
-        raise SystemExit(f"uncertain-seg build-engine: {exc}") from exc
+    print(build_engine(args.model, args.backend, args.device, args.precision, args.cameras, args.cache))
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser("build-engine", help="build a bundle's ONNX / TensorRT artefact ahead of time", description=(
+def add_options(p: argparse.ArgumentParser) -> None:
+    """The ``uncertain-seg build-engine`` command's description and options."""
+    p.description = (
         "Builds the compiled inference artefact the node would build at start-up and stores it in the engine "
         "cache, keyed by model checksum, backend and library versions, GPU, precision and input shape. Use the "
         "same values as the node's parameters. Example: uncertain-seg build-engine --model camvid_demo "
-        "--backend tensorrt --device cuda --precision fp16 --cameras 2"))
+        "--backend tensorrt --device cuda --precision fp16 --cameras 2")
     p.add_argument("--model", default="camvid_demo", help="bundle folder or shipped bundle name (default: camvid_demo)")
     p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS), help="as the node's 'backend' parameter")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")

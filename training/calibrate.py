@@ -50,6 +50,7 @@ from uncertain_seg_ros.uncertainty import uncertainty
 
 from .datasets import LabelledFolder
 from .distributed import resolve_device
+from .output_folders import refuse_existing
 
 log = logging.getLogger(__name__)
 
@@ -388,6 +389,7 @@ def calibrate(
 
 
 def _run(args: argparse.Namespace) -> int:
+    refuse_existing(args.out, args.overwrite)
     threshold: str | float = "f05" if args.mask_target_fpr is None else args.mask_target_fpr
     path = calibrate(args.bundle, args.data, args.out, args.device, args.method, threshold, args.pixels_per_frame,
                      args.selector_steps, args.seed, args.selector_hidden)
@@ -428,13 +430,13 @@ Example: uncertain-seg calibrate --bundle runs/vits14/bundle --data ../shared/da
 """
 
 
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``calibrate`` command to the ``uncertain-seg`` sub-command parsers."""
-    p = subparsers.add_parser("calibrate", help="fit temperature / selective scaling and the mask threshold on a held-out split",
-                              description=CALIBRATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_options(p: argparse.ArgumentParser) -> None:
+    """The ``uncertain-seg calibrate`` command's description and options."""
+    p.description = CALIBRATE_HELP
     p.add_argument("--bundle", required=True, help="input model bundle folder, or the name of a shipped bundle")
     p.add_argument("--data", required=True, help="held-out labelled folder (images/ + labels/), not used for training")
     p.add_argument("--out", required=True, help="folder of the calibrated bundle (written atomically; not the input)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--method", choices=CALIBRATION_METHODS, default="selective", help="calibration method (default: selective)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--mask-threshold", choices=("f05",), default="f05",
@@ -447,4 +449,3 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--selector-hidden", type=int, default=64, help="hidden width of the selector MLP (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pixel sample and the selector (default: 0)")
     p.set_defaults(func=_run)
-    return p

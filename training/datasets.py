@@ -67,8 +67,14 @@ class LabelledFolder:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         images_dir, labels_dir = self.root / "images", self.root / "labels"
-        if not images_dir.is_dir() or not labels_dir.is_dir():
-            raise FileNotFoundError(f"{self.root} must contain images/ and labels/ folders")
+        if not self.root.exists():
+            raise FileNotFoundError(f"labelled folder {self.root} does not exist")
+        if not self.root.is_dir():
+            raise NotADirectoryError(f"labelled folder {self.root} is not a folder")
+        missing = [f"{d.name}/" for d in (images_dir, labels_dir) if not d.is_dir()]
+        if missing:
+            raise FileNotFoundError(f"labelled folder {self.root} has no {' and no '.join(missing)} folder "
+                                    "(it must contain images/ and labels/ with the same file stems)")
         self.classes = load_classes(find_classes_file(self.root))
         self.images: list[Path] = []
         self.labels: list[Path] = []

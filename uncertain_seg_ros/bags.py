@@ -91,6 +91,14 @@ class TopicInfo:
     """From the first and last receive times; None with fewer than 2 messages."""
     is_image: bool
     bag: Path | None = None
+    metadata_count: int | None = None
+    """What the bag's own index (rosbag2 metadata.yaml, MCAP statistics, ROS 1 index) says; None if it says nothing."""
+
+    @property
+    def count_disagrees(self) -> bool:
+        """The reader yielded another number of messages than the bag's index lists (e.g. rosbags matches a
+        rosbag2 topic to its MCAP channel by topic, type *and* offered QoS, and yields nothing where those differ)."""
+        return self.metadata_count is not None and self.metadata_count != self.count
 
 
 @dataclass
@@ -277,7 +285,8 @@ def bag_info(paths: Sequence[str | os.PathLike[str]]) -> list[TopicInfo]:
     """Topics of each bag, one :class:`TopicInfo` per (bag, topic), bags in the given order, topics by name.
 
     Per bag rather than merged, because bags of one session can differ in topics and rates. Counts
-    and rates come from one pass over the raw messages (receive times, nothing deserialised).
+    and rates come from one pass over the raw messages (receive times, nothing deserialised); the
+    bag's own count is kept beside them (``metadata_count``), since the two can disagree.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -285,6 +294,7 @@ def bag_info(paths: Sequence[str | os.PathLike[str]]) -> list[TopicInfo]:
     for path in map(Path, paths):
         source = open_source(path)
         types = dict(source.topics)
+        listed = dict(source.counts)
         source.close()
         counts = dict.fromkeys(types, 0)
         first: dict[str, int] = {}
@@ -296,7 +306,7 @@ def bag_info(paths: Sequence[str | os.PathLike[str]]) -> list[TopicInfo]:
         for topic in sorted(types):
             n, span = counts[topic], last.get(topic, 0) - first.get(topic, 0)
             rate = (n - 1) / (span * 1e-9) if n >= 2 and span > 0 else None
-            infos.append(TopicInfo(topic, types[topic], n, rate, types[topic] in IMAGE_TYPES, path))
+            infos.append(TopicInfo(topic, types[topic], n, rate, types[topic] in IMAGE_TYPES, path, listed[topic]))
     return infos
 
 

@@ -29,6 +29,15 @@ class PlayReport:
     published: dict[str, int] = field(default_factory=dict)
     sent_at: dict[tuple[str, int], float] = field(default_factory=dict)
     duration_s: float = 0.0
+    subscribers_at_start: dict[str, int] = field(default_factory=dict)
+    """Subscriptions matched when each topic's first message went out."""
+    subscribers_at_end: dict[str, int] = field(default_factory=dict)
+
+    def late_subscribers(self) -> dict[str, tuple[int, int]]:
+        """Topic -> (subscribers at its first message, at the end) where more matched during playback: those
+        missed the messages before they matched (all of them if volatile, none if both sides are transient_local)."""
+        return {t: (self.subscribers_at_start.get(t, 0), n) for t, n in self.subscribers_at_end.items()
+                if n > self.subscribers_at_start.get(t, 0)}
 
 
 class BagPlayer:
@@ -84,12 +93,16 @@ class BagPlayer:
                     data = bytes(raw)
                 else:
                     data = bytes(reader.typestore.ros1_to_cdr(raw, connection.msgtype))
-                self.publishers[connection.topic].publish(data)
+                publisher = self.publishers[connection.topic]
+                if connection.topic not in report.subscribers_at_start:
+                    report.subscribers_at_start[connection.topic] = publisher.get_subscription_count()
+                publisher.publish(data)
                 report.published[connection.topic] += 1
                 report.sent_at[(connection.topic, timestamp)] = time.monotonic()
                 if on_publish is not None:
                     on_publish(connection.topic, timestamp)
             report.duration_s = time.monotonic() - start_wall
-        for pub in self.publishers.values():
+        for topic, pub in self.publishers.items():
             pub.wait_for_all_acked(Duration(seconds=5.0))
+            report.subscribers_at_end[topic] = pub.get_subscription_count()
         return report

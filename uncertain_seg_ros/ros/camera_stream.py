@@ -8,6 +8,7 @@ from ..inference import OUTPUT_KINDS
 from .diagnostics import PeriodCounts
 from .qos import qos_profile
 from .stream_stats import StatsSnapshot, StreamStats
+from .topics import output_namespace
 
 OUTPUT_ENCODINGS = {
     "labels": "mono8",
@@ -17,12 +18,6 @@ OUTPUT_ENCODINGS = {
     "mask": "mono8",
     "overlay": "rgb8",
 }
-
-
-def output_namespace(image_topic: str, sub_namespace: str) -> str:
-    """``/front/image_raw`` -> ``/front/<sub_namespace>``: each camera's outputs beside its image topic."""
-    parent = image_topic.rsplit("/", 1)[0]
-    return f"{parent}/{sub_namespace}"
 
 
 class CameraStream:

@@ -9,6 +9,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..resources import sample_path
@@ -22,29 +24,44 @@ def _ros():
     try:
         import rclpy
     except ImportError as exc:
-        raise SystemExit(f"{ROS_HINT} ({exc})") from exc
+        raise ImportError(f"{ROS_HINT} ({exc})") from exc
     return rclpy
 
 
-def _spin_in_background(node):
+def init_ros() -> None:
+    """``rclpy.init`` without this command's own arguments: rcl would read ``--remap FROM:=TO`` as an old-style
+    ROS remap rule and print "This syntax is deprecated" (and apply it)."""
+    _ros().init(args=[])
+
+
+@contextmanager
+def _spinning_node(name: str) -> Iterator:
+    """A node spun by a background executor. On exit the spinning thread ends before the node and rclpy are shut
+    down: shutting rclpy down under a thread still in the executor's wait aborted the process now and then
+    ("terminate called without an active exception", exit code 134)."""
     from rclpy.executors import MultiThreadedExecutor
 
+    rclpy = _ros()
+    init_ros()
+    node = rclpy.create_node(name)
     executor = MultiThreadedExecutor()
     executor.add_node(node)
-    threading.Thread(target=executor.spin, daemon=True).start()
-    return executor
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    try:
+        yield node
+    finally:
+        executor.shutdown()
+        spinner.join(timeout=10.0)
+        node.destroy_node()
+        rclpy.try_shutdown()
 
 
 def _play(args: argparse.Namespace) -> int:
-    rclpy = _ros()
-    from .bag_player import BagPlayer
+    with _spinning_node("uncertain_seg_bag_player") as node:
+        from .bag_player import BagPlayer
 
-    remap = dict(r.split(":=", 1) for r in args.remap)
-    rclpy.init()
-    node = rclpy.create_node("uncertain_seg_bag_player")
-    executor = _spin_in_background(node)
-    try:
-        player = BagPlayer(node, args.bags, args.topic or None, args.qos, remap)
+        player = BagPlayer(node, args.bags, args.topic or None, args.qos, dict(args.remap))
         if args.wait_subscribers and not player.wait_for_subscribers(args.wait_subscribers, args.wait_timeout):
             print(f"warning: fewer than {args.wait_subscribers} subscribers after {args.wait_timeout} s; playing anyway",
                   file=sys.stderr)
@@ -52,33 +69,30 @@ def _play(args: argparse.Namespace) -> int:
             report = player.play(args.rate)
             for topic, count in report.published.items():
                 print(f"{topic}: {count} messages in {report.duration_s:.2f} s")
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
+            for topic, (first, last) in report.late_subscribers().items():
+                print(f"warning: {topic}: {first} subscriber(s) when playing started, {last} at the end: the later "
+                      f"one(s) missed the messages sent before they matched. Give --wait-subscribers {last}, or play "
+                      "with --qos transient_local to subscribers that request transient_local too", file=sys.stderr)
     return 0
 
 
 def _record(args: argparse.Namespace) -> int:
-    rclpy = _ros()
-    from .camera_stream import output_namespace
-    from .output_recorder import OutputRecorder
+    with _spinning_node("uncertain_seg_recorder") as node:
+        from .camera_stream import output_namespace
+        from .demo import ServingMonitor
+        from .output_recorder import OutputRecorder
 
-    rclpy.init()
-    node = rclpy.create_node("uncertain_seg_recorder")
-    recorder = OutputRecorder(node, args.camera_topic, output_namespace(args.camera_topic, args.output_namespace),
-                              Path(args.out), qos=args.qos)
-    executor = _spin_in_background(node)
-    try:
-        time.sleep(args.duration)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        executor.shutdown()
-        montage = recorder.write_montage(Path(args.out) / "montage.png")
-        node.destroy_node()
-        rclpy.try_shutdown()
-    print(f"recorded {len(recorder.stamps('overlay'))} frames to {args.out}; montage: {montage}")
+        recorder = OutputRecorder(node, args.camera_topic, output_namespace(args.camera_topic, args.output_namespace),
+                                  Path(args.out), qos=args.qos)
+        monitor = ServingMonitor(node)
+        try:
+            time.sleep(args.duration)
+        except KeyboardInterrupt:
+            pass
+    montage = recorder.write_montage(Path(args.out) / "montage.png")
+    for line in recorder.report(monitor.latest(args.camera_topic.removesuffix("/compressed"))):
+        print(line, file=sys.stderr if line.startswith("warning") else sys.stdout)
+    print(f"{len(recorder.stamps('overlay'))} frames with overlay written to {args.out}; montage: {montage}")
     return 0
 
 
@@ -94,6 +108,13 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"latency publish -> overlay received: p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms, max {lat['max']:.1f} ms")
     print(f"outputs: {summary['outputs']}/<output>/<stamp>.png; montage: {summary['montage']}")
     return 0 if summary["all_frames_answered"] else 1
+
+
+def _remap(text: str) -> tuple[str, str]:
+    source, sep, target = text.partition(":=")
+    if not (sep and source and target):
+        raise argparse.ArgumentTypeError(f"expected FROM:=TO, e.g. /camera/image_raw:=/front/image_raw, got {text!r}")
+    return source, target
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -121,10 +142,7 @@ def _benchmark(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         work_dir=Path(args.work) if args.work else None, note=args.note)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the node process is stopped too
-    try:
-        run = run_benchmark(cfg)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"uncertain-seg benchmark: {exc}") from exc
+    run = run_benchmark(cfg)
     print(table(run))
     write_results(run, args.json, args.markdown, args.chart, args.append)
     for what, path in (("json", args.json), ("markdown", args.markdown), ("chart", args.chart)):
@@ -145,7 +163,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
                    help="publisher QoS (default: reliable). transient_local makes playback deterministic: a subscriber "
                         "that finishes discovery after the first messages still receives them (it must request "
                         "transient_local too)")
-    p.add_argument("--remap", action="append", default=[], metavar="FROM:=TO", help="publish topic FROM as TO")
+    p.add_argument("--remap", action="append", default=[], type=_remap, metavar="FROM:=TO", help="publish topic FROM as TO")
     p.add_argument("--loop", type=int, default=1, help="play the bag N times (default: 1)")
     p.add_argument("--wait-subscribers", type=int, default=1, help="wait for N subscribers per topic first (default: 1)")
     p.add_argument("--wait-timeout", type=float, default=30.0, help="seconds to wait for subscribers (default: 30)")
@@ -176,19 +194,24 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID to use (default: a random private one)")
     p.set_defaults(func=_demo)
 
+    groups[""].add_parser(
+        "benchmark", help="latency per stage and end to end through the node, per backend and precision",
+        options=_benchmark_options)
+
+
+def _benchmark_options(p: argparse.ArgumentParser) -> None:
+    """Added only when ``benchmark`` runs: its choices come from the inference package, which imports torch."""
     from ..inference import BACKENDS, OUTPUT_KINDS, PRECISIONS
     from ..inference.profiling import PAYLOAD_ENCODINGS
 
-    p = groups[""].add_parser(
-        "benchmark", help="latency per stage and end to end through the node, per backend and precision",
-        description="Measures, on real camera frames, the node's path per stage (decode, preprocess, inference, "
-                    "postprocess, message conversion, publish: median and p95) and end to end through a real ROS 2 "
-                    "graph (perception_node in its own process, latency at a fixed rate and back-to-back throughput), "
-                    "for each backend and precision, at batch 1 and with --cameras cameras; label agreement with "
-                    "PyTorch fp32 eager; and the floor: the network's FLOPs and bytes against the device's measured "
-                    "peak. Prints a table, writes JSON / Markdown / a chart. Backends that cannot run here are listed "
-                    "with the reason. Example (GPU): uncertain-seg benchmark --device cuda --model "
-                    "random:dinov2_vits14@644x476 --camera-size 640x480 --precisions fp32 fp16 bf16 --json r.json")
+    p.description = ("Measures, on real camera frames, the node's path per stage (decode, preprocess, inference, "
+                     "postprocess, message conversion, publish: median and p95) and end to end through a real ROS 2 "
+                     "graph (perception_node in its own process, latency at a fixed rate and back-to-back throughput), "
+                     "for each backend and precision, at batch 1 and with --cameras cameras; label agreement with "
+                     "PyTorch fp32 eager; and the floor: the network's FLOPs and bytes against the device's measured "
+                     "peak. Prints a table, writes JSON / Markdown / a chart. Backends that cannot run here are listed "
+                     "with the reason. Example (GPU): uncertain-seg benchmark --device cuda --model "
+                     "random:dinov2_vits14@644x476 --camera-size 640x480 --precisions fp32 fp16 bf16 --json r.json")
     p.add_argument("--model", default="camvid_demo",
                    help="bundle folder or shipped name (default: camvid_demo), or random:<backbone>@<W>x<H> for a randomly "
                         "initialised DINOv2 model at that input size (timing only), e.g. random:dinov2_vits14@644x476")

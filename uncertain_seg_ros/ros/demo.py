@@ -56,7 +56,7 @@ def stop_node(proc: subprocess.Popen) -> int:
 
 
 class ServingMonitor:
-    """Watches /diagnostics for the outputs the node reports as subscribed, per camera topic.
+    """Watches /diagnostics for the outputs the node reports as subscribed, and its frame counts, per camera topic.
 
     Seeing the node's publishers from here does not mean the node has seen our subscriptions yet
     (discovery completes on each side separately), and the node computes only subscribed outputs;
@@ -68,6 +68,7 @@ class ServingMonitor:
 
         self._serving: dict[str, set[str]] = {}
         self._batch: dict[str, float] = {}
+        self._values: dict[str, dict[str, str]] = {}
         self._reports = 0
         self._lock = threading.Condition()
         node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
@@ -76,12 +77,18 @@ class ServingMonitor:
         with self._lock:
             for status in msg.status:
                 values = {kv.key: kv.value for kv in status.values}
+                self._values[status.hardware_id] = values
                 if "outputs_subscribed" in values:
                     self._serving[status.hardware_id] = set(filter(None, values["outputs_subscribed"].split(",")))
                 if values.get("batch_size_mean", "nan") != "nan":
                     self._batch[status.hardware_id] = float(values["batch_size_mean"])
             self._reports += 1
             self._lock.notify_all()
+
+    def latest(self, topic: str) -> dict[str, str]:
+        """The camera's values in the node's last report (frames_received, frames_dropped, ...); {} before one."""
+        with self._lock:
+            return dict(self._values.get(topic, {}))
 
     def serving(self, topic: str, kinds) -> bool:
         with self._lock:
@@ -113,7 +120,7 @@ def run_demo(bag: Path, out: Path, model: str = "camvid_demo", topic: str = "/ca
                    "camera_topics": f"[{topic}]",
                    "diagnostics_period": "0.25"}
     proc = start_node(node_params, out / "node.log")
-    rclpy.init()
+    rclpy.init(args=[])  # not this command's own arguments (rcl reads FROM:=TO ones as ROS remaps)
     node = rclpy.create_node("uncertain_seg_demo")
     executor = MultiThreadedExecutor()
     executor.add_node(node)
@@ -153,6 +160,7 @@ def run_demo(bag: Path, out: Path, model: str = "camvid_demo", topic: str = "/ca
         return summary
     finally:
         executor.shutdown()
+        spinner.join(timeout=10.0)  # rclpy shut down under a spinning thread can abort the process
         node.destroy_node()
         rclpy.try_shutdown()
         stop_node(proc)

@@ -3,7 +3,8 @@
 Used by the demo (and usable on a robot: ``uncertain-seg record``). Files are named by topic and
 header stamp, so the outputs of one frame sit side by side:
 ``<out>/<kind>/<stamp_ns>.png``; ``uncertainty`` (32FC1 in [0, 1]) is stored as a 16-bit PNG
-(value x 65535).
+(value x 65535) and ``labels`` as class indices, both data that look black in an image viewer:
+``<out>/README.txt`` says so and points at the colour versions beside them.
 """
 import threading
 import time
@@ -15,7 +16,7 @@ import numpy as np
 from rclpy.node import Node
 from sensor_msgs.msg import CompressedImage, Image
 
-from ..atomic_io import atomic_write_bytes
+from ..atomic_io import atomic_write_bytes, atomic_write_text
 from ..image_encoding import raw_to_array
 from ..inference import OUTPUT_KINDS
 from ..montage import fit, image_grid, tile_width
@@ -23,6 +24,15 @@ from .conversions import message_to_rgb8
 from .qos import qos_profile
 
 MONTAGE_COLUMNS = ("input", "overlay", "labels_color", "uncertainty_color", "mask")
+FOLDER_NOTES = {
+    "input": "the camera image as received (RGB)",
+    "overlay": "the image blended with the labels' colours, likely-wrong pixels in magenta",
+    "labels_color": "the labels in the bundle's palette",
+    "uncertainty_color": "the uncertainty through the node's colour map (bright = likely wrong)",
+    "mask": "misclassification mask: white where the uncertainty is above the bundle's threshold",
+    "labels": "DATA for programs, looks black: the class index of each pixel (0..K-1)",
+    "uncertainty": "DATA for programs, looks dark: uncertainty in [0, 1] as a 16-bit PNG, value x 65535",
+}
 
 
 def stamp_ns(msg) -> int:
@@ -58,6 +68,16 @@ class OutputRecorder:
             msg_type, topic = (CompressedImage, f"{input_topic}/compressed") if compressed else (Image, input_topic)
             self.subscriptions["input"] = node.create_subscription(
                 msg_type, topic, lambda msg: self._on_input(msg), qos_profile(input_qos or qos, 10))
+        self._write_readme()
+
+    def _write_readme(self) -> None:
+        """``<out>/README.txt``: what each folder holds, since labels/ and uncertainty/ look black in a viewer."""
+        width = max(map(len, self.subscriptions)) + 2
+        lines = ["One PNG per frame and topic, named by the frame's header stamp in nanoseconds: <folder>/<stamp>.png", ""]
+        lines += [f"{kind + '/':{width}} {FOLDER_NOTES[kind]}" for kind in FOLDER_NOTES if kind in self.subscriptions]
+        if set(MONTAGE_COLUMNS) <= set(self.subscriptions):
+            lines.append(f"{'montage.png':{width}} one row per frame: {', '.join(MONTAGE_COLUMNS)}")
+        atomic_write_text(self.out / "README.txt", "\n".join(lines) + "\n")
 
     def connected(self) -> bool:
         """True once every subscription has discovered its publisher."""
@@ -89,6 +109,39 @@ class OutputRecorder:
                 return True
             time.sleep(0.05)
         return False
+
+    def missing(self) -> dict[str, list[int]]:
+        """Kind -> stamps of frames seen on some other subscribed topic but never on this one."""
+        with self._lock:
+            got = {kind: set(self.received[kind]) for kind in self.subscriptions}
+        seen = set().union(*got.values())
+        return {kind: sorted(seen - stamps) for kind, stamps in got.items() if seen - stamps}
+
+    def report(self, node_counts: dict[str, str]) -> list[str]:
+        """What was recorded and, where frames are incomplete, what is missing and what the node says it did
+        (``node_counts``: the camera's values in the node's last /diagnostics report, {} if none came)."""
+        counts = ", ".join(f"{kind} {len(self.stamps(kind))}" for kind in self.subscriptions)
+        lines = [f"recorded {counts}"]
+        missing = self.missing()
+        if not missing:
+            return lines
+        frames = len(set().union(*(self.stamps(k) for k in self.subscriptions)))
+        for kind, stamps in missing.items():
+            shown = ", ".join(f"{s / 1e9:.3f}" for s in stamps[:5]) + (", ..." if len(stamps) > 5 else "")
+            lines.append(f"warning: {kind} missing for {len(stamps)} of {frames} frames (stamps {shown} s)")
+        answered = set().union(*(self.stamps(k) for k in self.subscriptions if k != "input"))
+        if set(missing.get("input", ())) & answered:
+            lines.append("warning: the node answered frames whose input this recorder never got: its subscription "
+                         "matched the publisher after those were sent (start the player after the recorder with "
+                         "--wait-subscribers 2, or use transient_local on both sides)")
+        if node_counts:
+            lines.append("the node (its /diagnostics): " + ", ".join(
+                f"{key.removeprefix('frames_').replace('_', '-')} {node_counts[key]}"
+                for key in ("frames_received", "frames_processed", "frames_dropped", "frames_rate_limited", "frames_bad")
+                if key in node_counts) + " (dropped: a newer frame arrived while it was busy)")
+        else:
+            lines.append("the node sent no /diagnostics for this camera")
+        return lines
 
     def latencies_ms(self, sent_at: dict[int, float], kind: str) -> np.ndarray:
         """Milliseconds from publishing each input frame to receiving its ``kind`` output."""

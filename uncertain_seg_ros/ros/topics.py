@@ -1,0 +1,7 @@
+"""Topic names of a camera's outputs, without importing rclpy or the model (the launch file uses them too)."""
+
+
+def output_namespace(image_topic: str, sub_namespace: str) -> str:
+    """``/front/image_raw`` -> ``/front/<sub_namespace>``: each camera's outputs beside its image topic."""
+    parent = image_topic.rsplit("/", 1)[0]
+    return f"{parent}/{sub_namespace}"
