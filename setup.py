@@ -52,6 +52,9 @@ setup(
         "opencv-python-headless>=4.7",
         "tqdm>=4.60",
         "rosbags>=0.10",
+        # MCAP salvage (uncertain_seg_ros.mcap_records) decompresses chunks itself; rosbags needs both too.
+        "lz4>=4",
+        "backports.zstd>=1.0; python_version<'3.14'",
     ],
     extras_require={
         "ros": ROS_WHEELS,

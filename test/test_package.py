@@ -45,7 +45,8 @@ def test_package_xml_is_format3_ament_python_with_runtime_dependencies():
 
 
 # Import names that differ from the name of the requirement that installs them.
-REQUIREMENT_OF_MODULE = {"cv2": "opencv-python-headless", "yaml": "pyyaml", "tensorrt": "torch-tensorrt"}
+REQUIREMENT_OF_MODULE = {"cv2": "opencv-python-headless", "yaml": "pyyaml", "tensorrt": "torch-tensorrt",
+                         "backports": "backports.zstd", "compression": "backports.zstd"}  # compression.zstd: Python >= 3.14
 
 
 def _code_imports() -> set[str]:
