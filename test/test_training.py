@@ -165,3 +165,43 @@ def test_cli_help_explains_commands(capsys):
     text = capsys.readouterr().out
     for flag in ("--resume", "--pretrained", "--backbone-lr-mult", "--class-weighting", "--amp", "--stop-after"):
         assert flag in text
+
+
+def test_continued_training_with_random_masking_trains_the_token_and_resumes_exactly(labelled_folder, tmp_path):
+    """--init-bundle continues a bundle (architecture, input size and, with --class-weighting source, its
+    weighting); --mask-ratio-max trains the mask token (zero and frozen without masking); stopped and
+    resumed equals uninterrupted, masks included; provenance names the starting bundle."""
+    first = tmp_path / "first"
+    assert cli_main(["train", "--data", str(labelled_folder), "--steps", "2", "--class-weighting", "inverse_sqrt",
+                     "--out", str(first), *TINY]) == 0
+    start = load_file(str(first / "bundle" / "model.safetensors"))
+    assert not start["backbone.mask_token"].any(), "no masking: the token is never trained"
+    args = ["train", "--data", str(labelled_folder), "--init-bundle", str(first / "bundle"), "--steps", "4",
+            "--mask-ratio-max", "0.5", "--class-weighting", "source", "--mask-token-lr-mult", "10", "--batch-size", "2",
+            "--workers", "0", "--warmup-steps", "1"]
+    assert cli_main([*args, "--out", str(tmp_path / "full")]) == 0
+    assert cli_main([*args, "--out", str(tmp_path / "part"), "--stop-after", "2"]) == 0
+    assert cli_main([*args, "--out", str(tmp_path / "part"), "--resume"]) == 0
+    a = load_file(str(tmp_path / "full" / "bundle" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "bundle" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["backbone.mask_token"].abs().max() > 0
+    bundle = load_bundle(tmp_path / "full" / "bundle")
+    prov = bundle.config.provenance
+    assert prov["stage"] == "supervised (continued)" and prov["class_weighting"] == "inverse_sqrt"
+    assert prov["init_bundle"]["model_id"] == load_bundle(first / "bundle").model_id
+    assert prov["previous"]["steps"] == 2 and prov["mask_ratio_max"] == 0.5
+    assert (bundle.config.input.height, bundle.config.input.width) == (42, 56), "the input size is the bundle's"
+
+
+def test_random_ratio_masks():
+    """Per-image ratios: each row masks round(r_i * n) patches; a ratio outside [0, 1] is refused."""
+    from uncertain_seg_training.masking import mask_generator, random_patch_mask, random_ratio_mask
+
+    mask = random_patch_mask(3, (4, 5), torch.tensor([0.0, 0.5, 1.0]), torch.device("cpu"), mask_generator(0, 0))
+    assert mask.sum(1).tolist() == [0, 10, 20]
+    again = random_ratio_mask(8, (4, 5), 0.5, torch.device("cpu"), mask_generator(1, 7))
+    assert torch.equal(again, random_ratio_mask(8, (4, 5), 0.5, torch.device("cpu"), mask_generator(1, 7)))
+    assert (again.sum(1) <= 10).all() and again.sum() > 0
+    with pytest.raises(ValueError, match="mask ratios"):
+        random_patch_mask(1, (2, 2), 1.5, torch.device("cpu"))

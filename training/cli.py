@@ -15,7 +15,8 @@ uncertain_seg_ros node.
   train      supervised training on a labelled folder (images/ + labels/ + classes.yaml);
              writes checkpoints, a JSON-lines log and a model bundle. Use torchrun for
              several processes / GPUs: torchrun --nproc-per-node N -m uncertain_seg_training.cli train ...
-  adapt      adapt a bundle to a new site from unlabelled bags: Masked gamma-SSL, MaskMatch.
+  adapt      adapt a bundle to a new site from unlabelled bags: Masked gamma-SSL, masked
+             pseudo-label consistency, and the baselines (control, BatchNorm re-estimation).
   calibrate  fit temperature / selective scaling and the mask threshold on a held-out labelled split.
   evaluate   mIoU, misclassification detection (max F0.5, AUROC, AUPR, FPR95) and ECE of a
              bundle on a labelled folder; writes metrics.json and a Markdown report with plots.
@@ -67,8 +68,8 @@ def _dataclass_from_args(cls: type, args: argparse.Namespace):
 def _adapt(args: argparse.Namespace) -> int:
     from .adapt import AdaptConfig, adapt
 
-    if not args.bundle or not args.data:
-        raise SystemExit("adapt: --bundle and --data are required")
+    if not args.bundle or (not args.data and args.method != "bn_stats"):
+        raise SystemExit("adapt: --bundle and --data are required (--data: not with --method bn_stats)")
     path = adapt(_dataclass_from_args(AdaptConfig, args))
     print(f"{'bundle' if path.name == 'bundle' else 'checkpoint'}: {path}")
     return 0
@@ -104,15 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .adapt import AdaptConfig
 
-    p = sub.add_parser("adapt", help="adapt a bundle to a new site from its unlabelled bags (Masked gamma-SSL, MaskMatch)",
+    p = sub.add_parser("adapt", help="adapt a bundle to a new site from its unlabelled bags (Masked gamma-SSL, masked pseudo-labels)",
                        description=(
         "Adapts a trained bundle to unlabelled target frames read from bags (or an image folder), keeping the "
-        "supervised loss on the labelled source data. gamma_ssl: a frozen copy of the input model labels the full "
-        "image, the trained model sees it with half its patches masked and must agree where it is certain (gamma "
-        "re-set per batch from the disagreement rate). maskmatch: an EMA teacher's multi-scale, confidence-"
-        "thresholded pseudo-labels supervise a student that sees heavily masked images. Calibrate the result "
-        "afterwards (uncertain-seg calibrate). Example: uncertain-seg adapt --bundle runs/vits14/bundle --data "
-        "../shared/data/camvid/day/train --target-bags dusk_bag --out runs/adapt"))
+        "supervised loss on the labelled source data (with the bundle's own class weighting). gamma_ssl (Masked "
+        "gamma-SSL): a frozen copy of the input model labels the full image, the trained model sees it with half its "
+        "patches masked and must agree where it is certain (gamma re-set per batch from the disagreement rate). "
+        "maskmatch (masked pseudo-label consistency, the masked part of MaskMatch): an EMA teacher's multi-scale, "
+        "confidence-thresholded pseudo-labels supervise a student that sees heavily masked images. control: the "
+        "same loop with the source loss only (the baseline an adapted model must beat). bn_stats: no training, the "
+        "BatchNorm statistics re-estimated on the target frames. Every branch runs in eval mode (BatchNorm "
+        "statistics frozen, no drop-path); each branch gets its own colour jitter. --backbone-lr-mult 0 trains "
+        "the heads and the mask token only. Calibrate the result afterwards (uncertain-seg calibrate). Example: "
+        "uncertain-seg adapt --bundle runs/vits14/bundle --data ../shared/data/camvid/day/train --target-bags "
+        "dusk_bag --out runs/adapt"))
     _add_dataclass_options(p, AdaptConfig)
     p.set_defaults(func=_adapt)
 
