@@ -205,3 +205,25 @@ def test_random_ratio_masks():
     assert (again.sum(1) <= 10).all() and again.sum() > 0
     with pytest.raises(ValueError, match="mask ratios"):
         random_patch_mask(1, (2, 2), 1.5, torch.device("cpu"))
+
+
+def test_dusk_transform_is_deterministic_darker_and_bluer():
+    """Same seed -> same frame; another seed -> other noise only; darker (mid-tones most), blue-shifted."""
+    from uncertain_seg_training.photometric import DuskParams, dusk_transform
+
+    rng = np.random.default_rng(0)
+    day = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    day[..., 0] = day[..., 2] = day[..., 1]  # grey input: any colour cast comes from the transform
+    a, b, c = dusk_transform(day, [3, 1]), dusk_transform(day, [3, 1]), dusk_transform(day, [3, 2])
+    assert a.dtype == np.uint8 and a.shape == day.shape
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    clean = dusk_transform(day, 0, DuskParams(noise_sigma=0.0))
+    assert np.abs(a.astype(int) - clean).max() <= 4 * 3 + 1, "noise of sigma 3 grey levels, nothing else varies with the seed"
+    assert clean.mean() < 0.6 * day.mean(), "uniform grey levels: E[0.72 x^1.6] / E[x] = 0.55"
+    mid = (day[..., 1] > 100) & (day[..., 1] < 150)
+    top = day[..., 1] > 240
+    assert clean[mid, 1].mean() / day[mid, 1].mean() < clean[top, 1].mean() / day[top, 1].mean(), "gamma darkens mid-tones most"
+    r, g, bl = (clean[..., k].astype(float).sum() for k in range(3))
+    assert r < g < bl, "less red, more blue"
+    with pytest.raises(ValueError, match="uint8"):
+        dusk_transform(day.astype(np.float32), 0)
