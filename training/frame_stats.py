@@ -55,15 +55,18 @@ class FrameStatistics:
     def __len__(self) -> int:
         return len(self.frames)
 
-    def weights(self, indices: np.ndarray | list[int] | None) -> np.ndarray:
-        """How often each frame counts in ``indices`` (all frames once when None)."""
-        if indices is None:
+    def _weights(self, weights: np.ndarray | None) -> np.ndarray:
+        if weights is None:
             return np.ones(len(self), np.int64)
-        return np.bincount(np.asarray(indices, dtype=np.int64), minlength=len(self))
+        weights = np.asarray(weights, dtype=np.int64)
+        if weights.shape != (len(self),) or (weights < 0).any():
+            raise ValueError(f"weights must be {len(self)} non-negative counts, got shape {weights.shape}")
+        return weights
 
-    def pooled(self, indices: np.ndarray | list[int] | None = None) -> tuple[ConfusionMatrix, dict, dict]:
-        """Accumulators of the frames ``indices`` (repeats count again), summed: confusion, curves, calibration."""
-        w = self.weights(indices)
+    def pooled(self, weights: np.ndarray | None = None) -> tuple[ConfusionMatrix, dict, dict]:
+        """Accumulators of the frames summed, frame ``i`` counted ``weights[i]`` times (all once when None):
+        confusion, curves, calibration."""
+        w = self._weights(weights)
         confusion = ConfusionMatrix(self.num_classes)
         confusion.load_state([torch.from_numpy(w @ self.confusion)])
         curves = {}
@@ -78,23 +81,23 @@ class FrameStatistics:
                                           torch.from_numpy(total[2])])
         return confusion, curves, calibration
 
-    def image_ece(self, name: str, indices: np.ndarray | list[int] | None = None) -> float:
-        """Image-wise ECE: the mean over frames (with repeats) of each frame's own ECE; frames without pixels skipped."""
+    def image_ece(self, name: str, weights: np.ndarray | None = None) -> float:
+        """Image-wise ECE: the (weighted) mean over frames of each frame's own ECE; frames without pixels skipped."""
         count, correct, conf_sum = (self.calibration[name][:, k] for k in range(3))
         n = count.sum(axis=1)
         per_frame = np.abs(correct - conf_sum).sum(axis=1) / np.maximum(n, 1)
-        w = self.weights(indices) * (n > 0)
+        w = self._weights(weights) * (n > 0)
         return float((w * per_frame).sum() / w.sum()) if w.sum() else math.nan
 
-    def metrics(self, indices: np.ndarray | list[int] | None = None) -> dict:
+    def metrics(self, weights: np.ndarray | None = None) -> dict:
         """mIoU, pixel accuracy, every score's detection numbers and every calibration's pooled and image-wise ECE."""
-        confusion, curves, calibration = self.pooled(indices)
+        confusion, curves, calibration = self.pooled(weights)
         return {
-            "frames": int(self.weights(indices).sum()),
+            "frames": int(self._weights(weights).sum()),
             "miou": confusion.miou(),
             "pixel_accuracy": confusion.pixel_accuracy(),
             "uncertainty": {name: c.to_dict() for name, c in curves.items()},
-            "calibration": {name: {"ece": b.ece(), "ece_image": self.image_ece(name, indices)} for name, b in calibration.items()},
+            "calibration": {name: {"ece": b.ece(), "ece_image": self.image_ece(name, weights)} for name, b in calibration.items()},
         }
 
     def subset(self, indices: list[int]) -> "FrameStatistics":
