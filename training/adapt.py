@@ -275,7 +275,7 @@ def adapt(cfg: AdaptConfig) -> Path:
     autocast, scaler = _autocast(dist.device, cfg.amp)
     mean, std = bcfg.input.mean, bcfg.input.std
     B = cfg.batch_size
-    t0, last, start = time.time(), {}, step
+    t0, cpu0, last, start = time.time(), time.process_time(), {}, step
     bar = tqdm(total=cfg.steps, initial=step, desc=f"adapt ({cfg.method})", unit="step", disable=not dist.is_main)
     for (src_img, src_lab), target in zip(loaders[0], target_batches):
         set_learning_rate(optimizer, cfg, step)
@@ -321,7 +321,8 @@ def adapt(cfg: AdaptConfig) -> Path:
         bar.update(1)
         if dist.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
             last = {"step": step, "loss": loss.item(), **stats, "lr": optimizer.param_groups[0]["lr"],
-                    "elapsed_s": round(time.time() - t0, 2)}
+                    "elapsed_s": round(time.time() - t0, 2),
+                    "cpu_s": round(time.process_time() - cpu0, 2)}
             with open(log_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
             bar.set_postfix(loss=f"{last['loss']:.3f}")
@@ -344,7 +345,7 @@ def adapt(cfg: AdaptConfig) -> Path:
 
     result_path = out / "bundle"
     if dist.is_main:
-        metrics = {k: v for k, v in last.items() if k != "elapsed_s"}
+        metrics = {k: v for k, v in last.items() if k not in ("elapsed_s", "cpu_s")}
         _export(result_path, model, bcfg, cfg, source_bundle, bundle_path, target_info, dist,
                 {"class_weighting": scheme, "steps": cfg.steps, "batch_size": cfg.batch_size * dist.world_size, "metrics": metrics})
     distributed.barrier()

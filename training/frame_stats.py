@@ -66,13 +66,13 @@ class FrameStatistics:
     def pooled(self, weights: np.ndarray | None = None) -> tuple[ConfusionMatrix, dict, dict]:
         """Accumulators of the frames summed, frame ``i`` counted ``weights[i]`` times (all once when None):
         confusion, curves, calibration."""
-        w = self._weights(weights)
+        w = self._weights(weights).astype(np.float64)
         confusion = ConfusionMatrix(self.num_classes)
-        confusion.load_state([torch.from_numpy(w @ self.confusion)])
+        confusion.load_state([torch.from_numpy(self._counts(w, "confusion", self.confusion))])
         curves = {}
         for name, h in self.curves.items():
             curves[name] = MisclassificationCurves(self.bins)
-            curves[name].load_state([torch.from_numpy(w @ h)])
+            curves[name].load_state([torch.from_numpy(self._counts(w, name, h))])
         calibration = {}
         for name, c in self.calibration.items():
             total = np.tensordot(w.astype(np.float64), c, axes=1)
@@ -80,6 +80,13 @@ class FrameStatistics:
             calibration[name].load_state([torch.from_numpy(np.rint(total[0])).long(), torch.from_numpy(np.rint(total[1])).long(),
                                           torch.from_numpy(total[2])])
         return confusion, curves, calibration
+
+    def _counts(self, w: np.ndarray, key: str, counts: np.ndarray) -> np.ndarray:
+        """``w @ counts`` as int64, through float64 (exact below 2^53; numpy has no fast integer matmul)."""
+        cache = self.__dict__.setdefault("_float", {})
+        if key not in cache:
+            cache[key] = counts.astype(np.float64)
+        return np.rint(w @ cache[key]).astype(np.int64)
 
     def image_ece(self, name: str, weights: np.ndarray | None = None) -> float:
         """Image-wise ECE: the (weighted) mean over frames of each frame's own ECE; frames without pixels skipped."""

@@ -337,7 +337,7 @@ def train(cfg: TrainConfig) -> Path:
     autocast, scaler = _autocast(dist.device, cfg.amp)
     mean, std = bcfg.input.mean, bcfg.input.std
     extra = {"config": asdict(cfg)}
-    t0, last, start = time.time(), {}, step
+    t0, cpu0, last, start = time.time(), time.process_time(), {}, step
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not dist.is_main)
     model.train()
     for images, labels in loader:
@@ -357,7 +357,8 @@ def train(cfg: TrainConfig) -> Path:
         bar.update(1)
         if dist.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
             last = {"step": step, "loss": loss.item(), "seg_loss": seg_loss.item(), "rank_loss": rank_loss.item(),
-                    "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "elapsed_s": round(time.time() - t0, 2)}
+                    "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "elapsed_s": round(time.time() - t0, 2),
+                    "cpu_s": round(time.process_time() - cpu0, 2)}
             with open(log_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
             bar.set_postfix(loss=f"{last['loss']:.3f}", seg=f"{last['seg_loss']:.3f}", rank=f"{last['rank_loss']:.3f}")
@@ -391,7 +392,7 @@ def train(cfg: TrainConfig) -> Path:
             "class_weighting": scheme,
             "mask_ratio_max": cfg.mask_ratio_max,
             "train_config": asdict(cfg),
-            "metrics": {k: v for k, v in last.items() if k != "elapsed_s"},
+            "metrics": {k: v for k, v in last.items() if k not in ("elapsed_s", "cpu_s")},
         }
         if init is not None:
             bcfg.provenance.update(init_bundle={k: init[k] for k in ("path", "model_id", "name")}, previous=init["provenance"])

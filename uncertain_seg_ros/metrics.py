@@ -284,15 +284,16 @@ class MisclassificationCurves(_Accumulator):
         """Headline numbers: auroc, aupr, aupr_minus_error_rate, fpr95, max_f05, max_f05_minus_floor,
         max_f05_threshold, error_rate, pixels."""
         f05, threshold = self.max_f05()
+        aupr, error_rate = self.aupr(), self.error_rate()
         return {
             "auroc": self.auroc(),
-            "aupr": self.aupr(),
-            "aupr_minus_error_rate": self.aupr() - self.error_rate(),
+            "aupr": aupr,
+            "aupr_minus_error_rate": aupr - error_rate,
             "fpr95": self.fpr_at_tpr(0.95),
             "max_f05": f05,
             "max_f05_minus_floor": f05 - self.f05_floor(),
             "max_f05_threshold": threshold,
-            "error_rate": self.error_rate(),
+            "error_rate": error_rate,
             "pixels": self.count(),
         }
 
