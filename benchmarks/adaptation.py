@@ -78,7 +78,7 @@ from uncertain_seg_ros.resources import resolve_bundle
 from uncertain_seg_training.adapt import AdaptConfig, adapt
 from uncertain_seg_training.bootstrap import block_bootstrap_weights, percentile_interval
 from uncertain_seg_training.calibrate import selection_frames
-from uncertain_seg_training.calibration_fit import collect_pixels, fit_calibration
+from uncertain_seg_training.calibration_fit import SelectorOptions, collect_pixels, fit_calibration
 from uncertain_seg_training.datasets import LabelledFolder, find_classes_file
 from uncertain_seg_training.distributed import resolve_device
 from uncertain_seg_training.evaluate import run_evaluation
@@ -304,8 +304,8 @@ def _evaluate_arm(exp: Experiment, work: Work, arm: str, seed: int, device: torc
     for name, method, weighting in (("temperature", "temperature", "balanced"), ("selective_balanced", "selective", "balanced"),
                                     ("selective_duplicate", "selective", "duplicate")):
         t = time.process_time()
-        calibration, selector = fit_calibration(sample, method, val_frames, weighting, steps=exp.selector_steps, seed=fit_seed,
-                                                device=device, progress=False)
+        options = SelectorOptions(val_frames, weighting, steps=exp.selector_steps, seed=fit_seed)
+        calibration, selector = fit_calibration(sample, method, options, device, progress=False)
         timing[f"fit_{name}_cpu_s"] = time.process_time() - t
         variants[name], fits[name] = (calibration, selector), calibration.to_dict()
     t = time.process_time()

@@ -18,7 +18,7 @@ from uncertain_seg_training.adapt import ema_update, gamma_ssl_loss, multiscale_
 from uncertain_seg_training.masking import random_patch_mask
 from uncertain_seg_training.cli import main as cli_main
 
-from conftest import tiny_bundle_config
+from conftest import stopped_and_resumed, tiny_bundle_config
 
 TINY = ["--batch-size", "2", "--workers", "0", "--log-every", "1", "--warmup-steps", "1", "--tau", "1.0"]
 
@@ -91,11 +91,7 @@ def test_adapt_from_bag_resumes_exactly(source_bundle, labelled_folder, target_b
     """gamma-SSL + MaskMatch from a rosbag2: stopped and resumed equals uninterrupted; provenance names the bag."""
     args = ["adapt", "--bundle", str(source_bundle), "--data", str(labelled_folder), "--target-bags", str(target_bag),
             "--method", "both", "--steps", "4", "--dedupe", "0", *TINY]
-    assert cli_main([*args, "--out", str(tmp_path / "full")]) == 0
-    assert cli_main([*args, "--out", str(tmp_path / "part"), "--stop-after", "2"]) == 0
-    assert cli_main([*args, "--out", str(tmp_path / "part"), "--resume"]) == 0
-    a = load_file(str(tmp_path / "full" / "bundle" / "model.safetensors"))
-    b = load_file(str(tmp_path / "part" / "bundle" / "model.safetensors"))
+    a, b = stopped_and_resumed(cli_main, args, tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
     source = load_file(str(source_bundle / "model.safetensors"))
     assert not torch.equal(a["backbone.mask_token"], source["backbone.mask_token"]), "the mask token is trained"
@@ -256,7 +252,7 @@ def test_bn_stats_reestimates_batchnorm_on_the_target_frames_only(source_bundle,
     with torch.no_grad():
         for path in sorted(labelled_folder.joinpath("images").iterdir()):
             x = to_input(torch.from_numpy(read_rgb(path))[None], (cfg.input.height, cfg.input.width), cfg.input.mean, cfg.input.std)
-            feats.append(torch.cat(source.model.backbone.get_intermediate_layers(x, cfg.model.n_last_blocks), dim=1))
+            feats.append(source.model.features(x))
     f = torch.cat(feats).transpose(0, 1).flatten(1).double()
     bn = adapted.model.head.bn
     # float32 features summed in float64: the statistics agree to float32 rounding of the features

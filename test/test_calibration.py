@@ -275,10 +275,10 @@ def _frames_sample(frames: int = 10, per_frame: int = 2000):
 def test_selector_is_fitted_on_early_frames_and_chosen_on_the_last():
     """With 3 selection frames the selector is one of the checkpoints of a selector trained on frames 0-6
     alone, and T_sel is the NLL-optimal temperature of its flagged pixels in frames 7-9."""
-    from uncertain_seg_training.calibration_fit import fit_selective
+    from uncertain_seg_training.calibration_fit import SelectorOptions, fit_selective
 
     sample = _frames_sample()
-    fit = fit_selective(sample, temperature=1.3, val_frames=3, hidden=16, steps=60, seed=4, progress=False)
+    fit = fit_selective(sample, 1.3, SelectorOptions(val_frames=3, hidden=16, steps=60, seed=4), progress=False)
     early, late = sample.split(7)
     assert (early.frames, late.frames, len(late.labels)) == (7, 3, 6000)
     checkpoints = dict(train_selector(early.logits, early.labels, hidden=16, steps=60, seed=4, progress=False, checkpoints=10))
@@ -293,15 +293,15 @@ def test_selector_is_fitted_on_early_frames_and_chosen_on_the_last():
 def test_selector_weighting_options():
     """balanced: a misclassified pixel weighs n_correct / n_wrong; duplicate (the authors'): 2. Weighting
     the errors less flags fewer pixels on the same data."""
-    from uncertain_seg_training.calibration_fit import fit_selective, misprediction_weight
+    from uncertain_seg_training.calibration_fit import SelectorOptions, fit_selective, misprediction_weight
 
     errors = torch.tensor([True, False, False, False])
     assert misprediction_weight(errors, "balanced") == 3.0 and misprediction_weight(errors, "duplicate") == 2.0
     with pytest.raises(ValueError, match="weighting"):
         misprediction_weight(errors, "triple")
     sample = _frames_sample()
-    balanced = fit_selective(sample, 1.0, weighting="balanced", hidden=16, steps=80, seed=0, progress=False)
-    duplicate = fit_selective(sample, 1.0, weighting="duplicate", hidden=16, steps=80, seed=0, progress=False)
+    balanced = fit_selective(sample, 1.0, SelectorOptions(weighting="balanced", hidden=16, steps=80), progress=False)
+    duplicate = fit_selective(sample, 1.0, SelectorOptions(weighting="duplicate", hidden=16, steps=80), progress=False)
     assert balanced.info["misprediction_weight"] == misprediction_weight(sample.errors, "balanced") > 2.0
     assert duplicate.info["misprediction_weight"] == 2.0
     assert duplicate.info["flagged_fraction"] <= balanced.info["flagged_fraction"]

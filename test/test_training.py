@@ -18,7 +18,7 @@ from uncertain_seg_training.datasets import LabelledFolder, find_classes_file
 from uncertain_seg_training.losses import class_weights, ranking_loss
 from uncertain_seg_training.train import StepBatches, lr_factor, TrainConfig
 
-from conftest import write_labelled_folder
+from conftest import stopped_and_resumed, write_labelled_folder
 
 TINY = ["--backbone", "demo_vitt14", "--input-size", "42", "56", "--batch-size", "2", "--workers", "0", "--log-every", "1",
         "--uncertainty-hidden", "16", "--n-last-blocks", "2", "--warmup-steps", "2"]
@@ -179,11 +179,7 @@ def test_continued_training_with_random_masking_trains_the_token_and_resumes_exa
     args = ["train", "--data", str(labelled_folder), "--init-bundle", str(first / "bundle"), "--steps", "4",
             "--mask-ratio-max", "0.5", "--class-weighting", "source", "--mask-token-lr-mult", "10", "--batch-size", "2",
             "--workers", "0", "--warmup-steps", "1"]
-    assert cli_main([*args, "--out", str(tmp_path / "full")]) == 0
-    assert cli_main([*args, "--out", str(tmp_path / "part"), "--stop-after", "2"]) == 0
-    assert cli_main([*args, "--out", str(tmp_path / "part"), "--resume"]) == 0
-    a = load_file(str(tmp_path / "full" / "bundle" / "model.safetensors"))
-    b = load_file(str(tmp_path / "part" / "bundle" / "model.safetensors"))
+    a, b = stopped_and_resumed(cli_main, args, tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert a["backbone.mask_token"].abs().max() > 0
     bundle = load_bundle(tmp_path / "full" / "bundle")

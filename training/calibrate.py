@@ -20,6 +20,7 @@ from uncertain_seg_ros.resources import resolve_bundle
 
 from .calibration_fit import (
     SELECTOR_WEIGHTINGS,
+    SelectorOptions,
     calibrated_rows,
     collect_pixels,
     fit_calibration,
@@ -100,7 +101,8 @@ def calibrate(
     sample = collect_pixels(bundle.model, cfg, folder, dev, pixels_per_frame, seed, progress)
     log.info("calibration sample: %d pixels from %d frames, error rate %.4f", len(sample.labels), sample.frames,
              float(sample.errors.float().mean()))
-    calibration, selector = fit_calibration(sample, method, val_frames, selector_weighting, selector_hidden, steps, seed, dev, progress)
+    options = SelectorOptions(val_frames, selector_weighting, selector_hidden, steps, seed)
+    calibration, selector = fit_calibration(sample, method, options, dev, progress)
     fit = {"data": str(data), "pixels_per_frame": pixels_per_frame, "seed": seed, **calibration.fit}
 
     model = bundle.model

@@ -256,6 +256,17 @@ def selective_logits(logits: torch.Tensor, flagged: torch.Tensor, selective_temp
     return torch.where(flagged[:, None], logits / selective_temperature, logits / temperature)
 
 
+@dataclass(frozen=True)
+class SelectorOptions:
+    """How the selective-scaling selector is fitted (see the module docstring)."""
+
+    val_frames: int = 0
+    weighting: str = "balanced"
+    hidden: int = 64
+    steps: int = 1000
+    seed: int = 0
+
+
 @dataclass
 class SelectiveFit:
     """A fitted selector, its ``T_sel`` and how they were chosen."""
@@ -265,19 +276,11 @@ class SelectiveFit:
     info: dict
 
 
-def fit_selective(
-    sample: PixelSample,
-    temperature: float,
-    val_frames: int = 0,
-    weighting: str = "balanced",
-    hidden: int = 64,
-    steps: int = 1000,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    progress: bool = True,
-) -> SelectiveFit:
+def fit_selective(sample: PixelSample, temperature: float, options: SelectorOptions = SelectorOptions(),
+                  device: torch.device | str = "cpu", progress: bool = True) -> SelectiveFit:
     """Selective scaling on top of temperature ``temperature``; the selector fitted on the frames before
-    the last ``val_frames``, which choose the step and ``T_sel`` (see the module docstring)."""
+    the last ``options.val_frames``, which choose the step and ``T_sel`` (see the module docstring)."""
+    val_frames, weighting, hidden, steps, seed = options.val_frames, options.weighting, options.hidden, options.steps, options.seed
     if not 0 <= val_frames < sample.frames:
         raise ValueError(f"selection frames must be in [0, {sample.frames}) for {sample.frames} frames, got {val_frames}")
     fit_part, select_part = sample.split(sample.frames - val_frames) if val_frames else (sample, sample)
@@ -309,17 +312,8 @@ def fit_selective(
     return SelectiveFit(selector, t_sel, info)
 
 
-def fit_calibration(
-    sample: PixelSample,
-    method: str,
-    val_frames: int = 0,
-    weighting: str = "balanced",
-    hidden: int = 64,
-    steps: int = 1000,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    progress: bool = True,
-) -> tuple[Calibration, SelectiveScaler | None]:
+def fit_calibration(sample: PixelSample, method: str, options: SelectorOptions = SelectorOptions(),
+                    device: torch.device | str = "cpu", progress: bool = True) -> tuple[Calibration, SelectiveScaler | None]:
     """Fit ``method`` ("none", "temperature", "selective") on the sample; ``Calibration.fit`` records
     the NLL before and after, the reference temperature and, for "selective", how the selector was chosen."""
     if method not in CALIBRATION_METHODS:
@@ -330,7 +324,7 @@ def fit_calibration(
                  "temperature_fit": temperature, "nll_temperature": nll(z, y, temperature)}
     selector = None
     if method == "selective":
-        sel = fit_selective(sample, temperature, val_frames, weighting, hidden, steps, seed, device, progress)
+        sel = fit_selective(sample, temperature, options, device, progress)
         selector, fit["selective"] = sel.selector, sel.info
         calibration = Calibration(method="selective", temperature=temperature, selective_temperature=sel.selective_temperature)
         calibrated = selective_logits(z, selector_scores(selector, z) > 0, sel.selective_temperature, temperature)

@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="supervised training on a labelled image folder", description=(
         "Supervised training: AdamW, ignore-aware (optionally class-balanced) cross-entropy, scale/crop/flip/colour "
-        "augmentation, the loss-prediction uncertainty head trained with a ranking loss on stop-gradient features. "
+        "augmentation, optional random patch masking (--mask-ratio-max; trains the mask token), the loss-prediction "
+        "uncertainty head trained with a ranking loss on stop-gradient features; --init-bundle continues a bundle. "
         "Example: uncertain-seg train --data ../shared/data/camvid/day/train --val-data ../shared/data/camvid/day/val "
         "--backbone dinov2_vits14 --pretrained dinov2_vits14_pretrain.pth --backbone-lr-mult 0.1 --out runs/vits14"))
     _add_dataclass_options(p, TrainConfig)
