@@ -102,3 +102,15 @@ def write_labelled_folder(root: Path, n: int = 6, size: tuple[int, int] = (60, 8
 @pytest.fixture
 def labelled_folder(tmp_path: Path) -> Path:
     return write_labelled_folder(tmp_path / "data")
+
+
+def stopped_and_resumed(cli, args: list[str], tmp_path: Path) -> tuple[dict, dict]:
+    """Run ``args`` uninterrupted into tmp_path/full, and stopped after 2 steps then resumed into
+    tmp_path/part; returns both exported bundles' weights (to compare)."""
+    from safetensors.torch import load_file
+
+    assert cli([*args, "--out", str(tmp_path / "full")]) == 0
+    assert cli([*args, "--out", str(tmp_path / "part"), "--stop-after", "2"]) == 0
+    assert cli([*args, "--out", str(tmp_path / "part"), "--resume"]) == 0
+    return (load_file(str(tmp_path / "full" / "bundle" / "model.safetensors")),
+            load_file(str(tmp_path / "part" / "bundle" / "model.safetensors")))

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,11 @@ from safetensors.torch import load_file
 from uncertain_seg_ros.bags import write_image_bag
 from uncertain_seg_ros.bundle import load_bundle, save_bundle
 from uncertain_seg_ros.model import UncertainSegmenter
-from uncertain_seg_training.adapt import ema_update, gamma_ssl_loss, multiscale_pseudo_labels, random_patch_mask
+from uncertain_seg_training.adapt import ema_update, gamma_ssl_loss, multiscale_pseudo_labels
+from uncertain_seg_training.masking import random_patch_mask
 from uncertain_seg_training.cli import main as cli_main
 
-from conftest import tiny_bundle_config
+from conftest import stopped_and_resumed, tiny_bundle_config
 
 TINY = ["--batch-size", "2", "--workers", "0", "--log-every", "1", "--warmup-steps", "1", "--tau", "1.0"]
 
@@ -80,6 +82,7 @@ def target_bag(labelled_folder, tmp_path):
 @pytest.fixture
 def source_bundle(tmp_path):
     config = tiny_bundle_config()
+    config.provenance = {"stage": "supervised", "train_config": {"class_weighting": "inverse_sqrt"}}
     torch.manual_seed(0)
     return save_bundle(tmp_path / "source", UncertainSegmenter(config.model), config)
 
@@ -88,11 +91,7 @@ def test_adapt_from_bag_resumes_exactly(source_bundle, labelled_folder, target_b
     """gamma-SSL + MaskMatch from a rosbag2: stopped and resumed equals uninterrupted; provenance names the bag."""
     args = ["adapt", "--bundle", str(source_bundle), "--data", str(labelled_folder), "--target-bags", str(target_bag),
             "--method", "both", "--steps", "4", "--dedupe", "0", *TINY]
-    assert cli_main([*args, "--out", str(tmp_path / "full")]) == 0
-    assert cli_main([*args, "--out", str(tmp_path / "part"), "--stop-after", "2"]) == 0
-    assert cli_main([*args, "--out", str(tmp_path / "part"), "--resume"]) == 0
-    a = load_file(str(tmp_path / "full" / "bundle" / "model.safetensors"))
-    b = load_file(str(tmp_path / "part" / "bundle" / "model.safetensors"))
+    a, b = stopped_and_resumed(cli_main, args, tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
     source = load_file(str(source_bundle / "model.safetensors"))
     assert not torch.equal(a["backbone.mask_token"], source["backbone.mask_token"]), "the mask token is trained"
@@ -145,3 +144,121 @@ def test_adapt_and_calibrate_cli_on_the_dusk_rosbag2(tmp_path):
     b = load_bundle(calibrated)
     assert b.config.calibration.method == "selective" and b.model.selector is not None
     assert b.config.provenance["stage"] == "adaptation (both)" and "calibration" in b.config.provenance
+
+
+# --------------------------------------------------------------------------- the loop's fixes (issue 16)
+
+
+def _adapt_args(bundle, data, out, *extra):
+    return ["adapt", "--bundle", str(bundle), "--data", str(data), "--out", str(out), "--dedupe", "0", *TINY, *extra]
+
+
+def test_mask_token_is_optimised_with_a_frozen_backbone(source_bundle, labelled_folder, target_bag, tmp_path):
+    """--backbone-lr-mult 0: the token is in the optimiser (its own group) and moves; the rest of the
+    backbone stays exactly as it was, the heads train."""
+    from uncertain_seg_training.adapt import AdaptConfig
+    from uncertain_seg_training.train import param_groups
+
+    model = load_bundle(source_bundle).model
+    model.backbone.requires_grad_(False)
+    model.backbone.mask_token.requires_grad_(True)
+    groups = param_groups(model, AdaptConfig(backbone_lr_mult=0.0, mask_token_lr_mult=3.0))
+    token_groups = [g for g in groups if any(p is model.backbone.mask_token for p in g["params"])]
+    assert len(token_groups) == 1 and token_groups[0]["lr_mult"] == 3.0 and token_groups[0]["weight_decay"] == 0.0
+    assert not any(p is q for g in groups for p in g["params"] for q in model.backbone.parameters() if q is not model.backbone.mask_token)
+
+    out = tmp_path / "frozen"
+    assert cli_main([*_adapt_args(source_bundle, labelled_folder, out, "--target-bags", str(target_bag)),
+                     "--method", "gamma_ssl", "--steps", "3", "--backbone-lr-mult", "0", "--lr", "1e-2"]) == 0
+    before, after = load_file(str(source_bundle / "model.safetensors")), load_file(str(out / "bundle" / "model.safetensors"))
+    assert not torch.equal(before["backbone.mask_token"], after["backbone.mask_token"])
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("backbone.") and k != "backbone.mask_token")
+    assert not torch.equal(before["head.conv.weight"], after["head.conv.weight"])
+
+
+def test_batchnorm_statistics_do_not_move_during_adaptation(source_bundle, labelled_folder, target_bag, tmp_path):
+    """Masked target batches and source batches never update the running statistics (eval-mode BatchNorm)."""
+    out = tmp_path / "both"
+    assert cli_main([*_adapt_args(source_bundle, labelled_folder, out, "--target-bags", str(target_bag)),
+                     "--method", "both", "--steps", "3"]) == 0
+    before, after = load_file(str(source_bundle / "model.safetensors")), load_file(str(out / "bundle" / "model.safetensors"))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(before[f"head.bn.{name}"], after[f"head.bn.{name}"]), name
+    assert not torch.equal(before["head.bn.weight"], after["head.bn.weight"]), "the affine BatchNorm parameters still train"
+
+
+def test_class_weighting_is_carried_from_the_source_bundle(source_bundle, labelled_folder, tmp_path):
+    """By default the source loss uses the input bundle's weighting (from its provenance); an explicit
+    choice wins; a bundle whose provenance does not say is refused with a message naming the option."""
+    out = tmp_path / "control"
+    assert cli_main([*_adapt_args(source_bundle, labelled_folder, out), "--method", "control", "--steps", "1"]) == 0
+    prov = load_bundle(out / "bundle").config.provenance
+    assert prov["class_weighting"] == "inverse_sqrt" and prov["adapt_config"]["class_weighting"] == "source"
+    assert prov["target"]["frames"] == 0, "the control reads no target frames"
+    assert not any("consistency" in json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines())
+    assert cli_main([*_adapt_args(out / "bundle", labelled_folder, tmp_path / "again"), "--method", "control", "--steps", "1"]) == 0
+    assert load_bundle(tmp_path / "again" / "bundle").config.provenance["class_weighting"] == "inverse_sqrt", "found through previous"
+    assert cli_main([*_adapt_args(source_bundle, labelled_folder, tmp_path / "none"), "--method", "control", "--steps", "1",
+                     "--class-weighting", "none"]) == 0
+    assert load_bundle(tmp_path / "none" / "bundle").config.provenance["class_weighting"] == "none"
+
+    config = tiny_bundle_config()
+    unknown = save_bundle(tmp_path / "unknown", UncertainSegmenter(config.model), config)
+    with pytest.raises(ValueError, match="--class-weighting"):
+        cli_main([*_adapt_args(unknown, labelled_folder, tmp_path / "refused"), "--method", "control", "--steps", "1"])
+
+
+def test_target_and_query_branches_compute_the_same_function(labelled_folder, target_bag, tmp_path):
+    """With nothing masked and no colour jitter, the query branch at step 1 is exactly the target branch,
+    even with drop-path 0.5 and BatchNorm in the model: the logged disagreement is 0 (train mode gave
+    the query batch statistics and dropped paths)."""
+    base = tiny_bundle_config()
+    config = replace(base, model=replace(base.model, backbone=replace(base.model.backbone, drop_path_rate=0.5)))
+    config.provenance = {"class_weighting": "none"}
+    torch.manual_seed(0)
+    bundle = save_bundle(tmp_path / "droppy", UncertainSegmenter(config.model), config)
+    out = tmp_path / "same"
+    assert cli_main([*_adapt_args(bundle, labelled_folder, out, "--target-bags", str(target_bag)), "--method", "gamma_ssl",
+                     "--steps", "1", "--mask-ratio", "0", "--color-jitter", "0"]) == 0
+    first = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
+    assert first["disagreement"] == 0.0 and first["certain"] > 0
+
+
+def test_query_view_has_its_own_colour_jitter(labelled_folder):
+    """The views differ in colour; without jitter they are equal, so they share the crop and flip."""
+    from uncertain_seg_training.adapt import TargetSet
+    from uncertain_seg_training.augment import AugmentConfig
+
+    images = sorted((labelled_folder / "images").iterdir())
+    target, query, valid = TargetSet(images, (56, 70), AugmentConfig(scale_min=0.5, scale_max=0.5), seed=0)[(1, 0)]
+    assert target.shape == query.shape == (56, 70, 3) and valid.shape == (56, 70) and not valid.all()
+    assert (target.float() - query.float()).abs().mean() > 1.0
+    plain = AugmentConfig(scale_min=0.5, scale_max=0.5, brightness=0.0, contrast=0.0, saturation=0.0)
+    target, query, _ = TargetSet(images, (56, 70), plain, seed=0)[(1, 0)]
+    assert torch.equal(target, query)
+
+
+def test_bn_stats_reestimates_batchnorm_on_the_target_frames_only(source_bundle, target_bag, labelled_folder, tmp_path):
+    """--method bn_stats: the head's BatchNorm statistics become the exact mean / unbiased variance of its
+    inputs over the whole target frames at the input size; no other weight changes; no source data needed."""
+    from uncertain_seg_ros.image_files import read_rgb
+    from uncertain_seg_ros.preprocessing import to_input
+
+    out = tmp_path / "bn"
+    assert cli_main(["adapt", "--bundle", str(source_bundle), "--target-bags", str(target_bag), "--method", "bn_stats",
+                     "--dedupe", "0", "--out", str(out), "--device", "cpu"]) == 0
+    source, adapted = load_bundle(source_bundle), load_bundle(out / "bundle")
+    cfg = source.config
+    feats = []
+    with torch.no_grad():
+        for path in sorted(labelled_folder.joinpath("images").iterdir()):
+            x = to_input(torch.from_numpy(read_rgb(path))[None], (cfg.input.height, cfg.input.width), cfg.input.mean, cfg.input.std)
+            feats.append(source.model.features(x))
+    f = torch.cat(feats).transpose(0, 1).flatten(1).double()
+    bn = adapted.model.head.bn
+    # float32 features summed in float64: the statistics agree to float32 rounding of the features
+    torch.testing.assert_close(bn.running_mean.double(), f.mean(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), f.var(1), rtol=1e-5, atol=1e-6)
+    a, b = source.model.state_dict(), adapted.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("head.bn.running") and "num_batches" not in k)
+    assert adapted.config.provenance["stage"] == "adaptation (bn_stats)" and adapted.config.provenance["target"]["frames"] == 6

@@ -14,8 +14,8 @@ from uncertain_seg_ros.calibration import Calibration, SelectiveScaler
 from uncertain_seg_ros.metrics import CalibrationBins, MisclassificationCurves
 from uncertain_seg_ros.model import SegmenterConfig, UncertainSegmenter
 from uncertain_seg_ros.prediction import decode
-from uncertain_seg_training.calibrate import (
-    calibrate,
+from uncertain_seg_training.calibrate import calibrate
+from uncertain_seg_training.calibration_fit import (
     fit_mask_threshold,
     fit_selective_temperature,
     fit_temperature,
@@ -243,3 +243,75 @@ def test_calibrate_end_to_end_and_cli(tiny_bundle, labelled_folder, tmp_path):
     assert c.config.provenance["calibration"]["threshold_rule"] == "target false-positive rate 0.1"
     assert c.config.provenance["calibration"]["mask_fpr"] <= 0.1
     assert _digest(tiny_bundle) == before
+
+
+# --------------------------------------------------------------------------- the fit as the authors do it (issue 16)
+
+
+def test_temperature_fit_is_the_nll_minimum_and_respects_the_bounds():
+    """LBFGS on log T lands on the minimum of a dense grid (spacing 1e-3 in log T, so within 0.1% in T);
+    labels independent of the logits push T to the upper bound (the NLL falls towards uniform)."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(30_000, 5, generator=g) * 3.0
+    labels = torch.multinomial((logits / 1.7).softmax(dim=1), 1, generator=g)[:, 0]
+    grid = torch.arange(-1.0, 2.0, 1e-3).exp()
+    best = float(grid[int(torch.tensor([nll(logits, labels, float(t)) for t in grid]).argmin())])
+    assert fit_temperature(logits, labels) == pytest.approx(best, rel=2e-3)
+    noise = torch.randint(0, 5, (30_000,), generator=g)
+    assert fit_temperature(logits, noise) == pytest.approx(20.0)
+    assert fit_temperature(logits * 1e-3, labels, bounds=(0.05, 20.0)) == pytest.approx(0.05), "needs sharpening beyond the bound"
+
+
+def _frames_sample(frames: int = 10, per_frame: int = 2000):
+    from uncertain_seg_training.calibration_fit import PixelSample
+
+    logits, labels = _selective_split(frames * per_frame)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(5))
+    logits, labels = logits[order], labels[order]
+    frame = torch.arange(frames, dtype=torch.int32).repeat_interleave(per_frame)
+    return PixelSample(logits, labels, torch.zeros(len(labels)), frame, frames)
+
+
+def test_selector_is_fitted_on_early_frames_and_chosen_on_the_last():
+    """With 3 selection frames the selector is one of the checkpoints of a selector trained on frames 0-6
+    alone, and T_sel is the NLL-optimal temperature of its flagged pixels in frames 7-9."""
+    from uncertain_seg_training.calibration_fit import SelectorOptions, fit_selective
+
+    sample = _frames_sample()
+    fit = fit_selective(sample, 1.3, SelectorOptions(val_frames=3, hidden=16, steps=60, seed=4), progress=False)
+    early, late = sample.split(7)
+    assert (early.frames, late.frames, len(late.labels)) == (7, 3, 6000)
+    checkpoints = dict(train_selector(early.logits, early.labels, hidden=16, steps=60, seed=4, progress=False, checkpoints=10))
+    assert sorted(checkpoints) == [6, 12, 18, 24, 30, 36, 42, 48, 54, 60] and fit.info["chosen_step"] in checkpoints
+    chosen = checkpoints[fit.info["chosen_step"]]
+    assert all(torch.equal(a, b) for a, b in zip(chosen.state_dict().values(), fit.selector.state_dict().values()))
+    flagged = selector_scores(chosen, late.logits) > 0
+    assert fit.selective_temperature == fit_selective_temperature(late.logits, late.labels, flagged)
+    assert fit.info["fit_frames"] == 7 and fit.info["selection_frames"] == 3
+
+
+def test_selector_weighting_options():
+    """balanced: a misclassified pixel weighs n_correct / n_wrong; duplicate (the authors'): 2. Weighting
+    the errors less flags fewer pixels on the same data."""
+    from uncertain_seg_training.calibration_fit import SelectorOptions, fit_selective, misprediction_weight
+
+    errors = torch.tensor([True, False, False, False])
+    assert misprediction_weight(errors, "balanced") == 3.0 and misprediction_weight(errors, "duplicate") == 2.0
+    with pytest.raises(ValueError, match="weighting"):
+        misprediction_weight(errors, "triple")
+    sample = _frames_sample()
+    balanced = fit_selective(sample, 1.0, SelectorOptions(weighting="balanced", hidden=16, steps=80), progress=False)
+    duplicate = fit_selective(sample, 1.0, SelectorOptions(weighting="duplicate", hidden=16, steps=80), progress=False)
+    assert balanced.info["misprediction_weight"] == misprediction_weight(sample.errors, "balanced") > 2.0
+    assert duplicate.info["misprediction_weight"] == 2.0
+    assert duplicate.info["flagged_fraction"] <= balanced.info["flagged_fraction"]
+
+
+def test_selective_scaling_sits_on_temperature_scaling():
+    """Unflagged pixels are divided by T, flagged ones by T_sel (an old bundle's T = 1 leaves them as they were)."""
+    torch.manual_seed(1)
+    logits = torch.randn(1, 3, 4, 5) * 3
+    selector = SelectiveScaler(3, 4).eval()
+    flagged = selector.flags(logits)[:, None]
+    out = Calibration(method="selective", temperature=2.0, selective_temperature=9.0).apply(logits, selector)
+    torch.testing.assert_close(out, torch.where(flagged, logits / 9.0, logits / 2.0), rtol=0, atol=0)

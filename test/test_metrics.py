@@ -125,8 +125,13 @@ def test_six_pixel_case_by_hand():
     assert c.aupr() == pytest.approx(0.5, abs=1e-12)
     assert c.fpr_at_tpr(0.95) == pytest.approx(0.5, abs=1e-12)
     d = c.to_dict()
-    assert set(d) == {"auroc", "aupr", "fpr95", "max_f05", "max_f05_threshold", "error_rate", "pixels"}
+    assert set(d) == {"auroc", "aupr", "aupr_minus_error_rate", "fpr95", "max_f05", "max_f05_minus_floor",
+                      "max_f05_threshold", "error_rate", "pixels"}
     assert d["pixels"] == 6 and d["error_rate"] == pytest.approx(1 / 3)
+    # Flag-nothing floor at accuracy 2/3: 1.25 (2/3) / (0.25 (2/3) + 1) = 5/7, the t = 1.0 row above.
+    assert c.f05_floor() == pytest.approx(5 / 7, abs=1e-12)
+    assert d["max_f05_minus_floor"] == pytest.approx(5 / 6 - 5 / 7, abs=1e-12)
+    assert d["aupr_minus_error_rate"] == pytest.approx(0.5 - 1 / 3, abs=1e-12)
 
 
 def test_perfectly_separating_score():

@@ -18,7 +18,7 @@ from uncertain_seg_training.datasets import LabelledFolder, find_classes_file
 from uncertain_seg_training.losses import class_weights, ranking_loss
 from uncertain_seg_training.train import StepBatches, lr_factor, TrainConfig
 
-from conftest import write_labelled_folder
+from conftest import stopped_and_resumed, write_labelled_folder
 
 TINY = ["--backbone", "demo_vitt14", "--from-scratch", "--input-size", "42", "56", "--batch-size", "2", "--workers", "0", "--log-every", "1",
         "--uncertainty-hidden", "16", "--n-last-blocks", "2", "--warmup-steps", "2"]
@@ -165,3 +165,61 @@ def test_cli_help_explains_commands(capsys):
     text = capsys.readouterr().out
     for flag in ("--resume", "--pretrained", "--backbone-lr-mult", "--class-weighting", "--amp", "--stop-after"):
         assert flag in text
+
+
+def test_continued_training_with_random_masking_trains_the_token_and_resumes_exactly(labelled_folder, tmp_path):
+    """--init-bundle continues a bundle (architecture, input size and, with --class-weighting source, its
+    weighting); --mask-ratio-max trains the mask token (zero and frozen without masking); stopped and
+    resumed equals uninterrupted, masks included; provenance names the starting bundle."""
+    first = tmp_path / "first"
+    assert cli_main(["train", "--data", str(labelled_folder), "--steps", "2", "--class-weighting", "inverse_sqrt",
+                     "--out", str(first), *TINY]) == 0
+    start = load_file(str(first / "bundle" / "model.safetensors"))
+    assert not start["backbone.mask_token"].any(), "no masking: the token is never trained"
+    args = ["train", "--data", str(labelled_folder), "--init-bundle", str(first / "bundle"), "--steps", "4",
+            "--mask-ratio-max", "0.5", "--class-weighting", "source", "--mask-token-lr-mult", "10", "--batch-size", "2",
+            "--workers", "0", "--warmup-steps", "1"]
+    a, b = stopped_and_resumed(cli_main, args, tmp_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["backbone.mask_token"].abs().max() > 0
+    bundle = load_bundle(tmp_path / "full" / "bundle")
+    prov = bundle.config.provenance
+    assert prov["stage"] == "supervised (continued)" and prov["class_weighting"] == "inverse_sqrt"
+    assert prov["init_bundle"]["model_id"] == load_bundle(first / "bundle").model_id
+    assert prov["previous"]["steps"] == 2 and prov["mask_ratio_max"] == 0.5
+    assert (bundle.config.input.height, bundle.config.input.width) == (42, 56), "the input size is the bundle's"
+
+
+def test_random_ratio_masks():
+    """Per-image ratios: each row masks round(r_i * n) patches; a ratio outside [0, 1] is refused."""
+    from uncertain_seg_training.masking import mask_generator, random_patch_mask, random_ratio_mask
+
+    mask = random_patch_mask(3, (4, 5), torch.tensor([0.0, 0.5, 1.0]), torch.device("cpu"), mask_generator(0, 0))
+    assert mask.sum(1).tolist() == [0, 10, 20]
+    again = random_ratio_mask(8, (4, 5), 0.5, torch.device("cpu"), mask_generator(1, 7))
+    assert torch.equal(again, random_ratio_mask(8, (4, 5), 0.5, torch.device("cpu"), mask_generator(1, 7)))
+    assert (again.sum(1) <= 10).all() and again.sum() > 0
+    with pytest.raises(ValueError, match="mask ratios"):
+        random_patch_mask(1, (2, 2), 1.5, torch.device("cpu"))
+
+
+def test_dusk_transform_is_deterministic_darker_and_bluer():
+    """Same seed -> same frame; another seed -> other noise only; darker (mid-tones most), blue-shifted."""
+    from uncertain_seg_training.photometric import DuskParams, dusk_transform
+
+    rng = np.random.default_rng(0)
+    day = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    day[..., 0] = day[..., 2] = day[..., 1]  # grey input: any colour cast comes from the transform
+    a, b, c = dusk_transform(day, [3, 1]), dusk_transform(day, [3, 1]), dusk_transform(day, [3, 2])
+    assert a.dtype == np.uint8 and a.shape == day.shape
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    clean = dusk_transform(day, 0, DuskParams(noise_sigma=0.0))
+    assert np.abs(a.astype(int) - clean).max() <= 4 * 3 + 1, "noise of sigma 3 grey levels, nothing else varies with the seed"
+    assert clean.mean() < 0.6 * day.mean(), "uniform grey levels: E[0.72 x^1.6] / E[x] = 0.55"
+    mid = (day[..., 1] > 100) & (day[..., 1] < 150)
+    top = day[..., 1] > 240
+    assert clean[mid, 1].mean() / day[mid, 1].mean() < clean[top, 1].mean() / day[top, 1].mean(), "gamma darkens mid-tones most"
+    r, g, bl = (clean[..., k].astype(float).sum() for k in range(3))
+    assert r < g < bl, "less red, more blue"
+    with pytest.raises(ValueError, match="uint8"):
+        dusk_transform(day.astype(np.float32), 0)

@@ -1,24 +1,41 @@
-"""Adaptation to a new site from unlabelled frames: Masked gamma-SSL, optionally with MaskMatch.
+"""Adaptation to a new site from unlabelled frames: Masked gamma-SSL, masked pseudo-label consistency, baselines.
 
 Starts from a trained bundle (stage 2) and trains on unlabelled target frames (from bags or an
-image folder) while keeping the supervised loss on the labelled source data:
+image folder) while keeping the supervised loss on the labelled source data. ``--method``:
 
-- **Masked gamma-SSL** (Williams et al. 2024): a frozen copy of the input model (target branch) sees
-  the full image; the trained model (query branch) sees it with a fraction of its 14x14 patches
-  replaced by the mask token. With ``p = softmax(s / tau)`` the consistency loss is the
-  cross-entropy ``CE(p_target, p_query)`` averaged over the pixels the query is certain about
-  (``max_k p_query >= gamma``); gamma is re-set every batch so that the fraction of pixels below
-  it equals the fraction where the two branches' argmax disagree.
-- **MaskMatch** (Pan et al. 2023, ``--maskmatch``): an EMA teacher labels the full target image,
-  averaging its class probabilities over several input scales; confident pixels become
-  pseudo-labels for the student, which sees the image with most patches masked.
+- ``gamma_ssl``, **Masked gamma-SSL** (Williams et al. 2024): a frozen copy of the input model
+  (target branch) sees the full image; the trained model (query branch) sees it with a fraction of
+  its 14x14 patches replaced by the mask token. With ``p = softmax(s / tau)`` the consistency loss
+  is the cross-entropy ``CE(p_target, p_query)`` averaged over the pixels the query is certain
+  about (``max_k p_query >= gamma``); gamma is re-set every batch so that the fraction of pixels
+  below it equals the fraction where the two branches' argmax disagree.
+- ``maskmatch``, **masked pseudo-label consistency** with a multi-scale EMA teacher, the masked
+  consistency part of MaskMatch (Pan et al. 2023), not its whole scheme (there is no separate
+  weak-to-strong branch): an EMA teacher labels the full target image, averaging its class
+  probabilities over several input scales; confident pixels become pseudo-labels for the student,
+  which sees the image with most patches masked.
+- ``both``: the two losses together.
+- ``control``: the same loop, source loss only (continued source training, no target frames
+  needed): what an adapted model gains over it is the unsupervised losses' doing, not more steps.
+- ``bn_stats``: no training; the BatchNorm running statistics re-estimated on the target frames
+  alone (each frame whole, at the network input size, as inference sees it).
+
+Every branch runs in **eval mode**: drop-path is off and BatchNorm normalises with the input
+model's running statistics, which therefore never move (only ``bn_stats`` changes them). Train
+mode would give the masked query batch statistics and drop-path that the unmasked target branch
+does not have, so their disagreement would not come from masking alone, and the running
+statistics would absorb masked target features. The target branch (and the teacher) and the query
+branch (and the student) see the same crop and flip of a frame through independent colour jitters,
+as the authors give each branch its own colour transform. The class weighting of the source loss
+is the input bundle's own by default (``--class-weighting source``, read from its provenance).
 
 One forward pass per step through the (DDP-wrapped) model on a batch made of the source images
-(unmasked), the target images (gamma-SSL mask) and, with MaskMatch, the target images again
-(MaskMatch mask): DistributedDataParallel sees one graph per step. Progress, JSON-lines log,
-checkpoints and ``--resume`` work as in ``train``.
+(unmasked) and the query views (one per unsupervised loss, each with its own mask):
+DistributedDataParallel sees one graph per step. Progress, JSON-lines log, checkpoints and
+``--resume`` work as in ``train``.
 """
 import copy
+import itertools
 import json
 import logging
 import time
@@ -26,6 +43,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -34,7 +52,7 @@ from tqdm import tqdm
 
 from uncertain_seg_ros import __version__
 from uncertain_seg_ros.bags import extract_frames
-from uncertain_seg_ros.bundle import load_bundle, save_bundle
+from uncertain_seg_ros.bundle import BundleConfig, load_bundle, save_bundle
 from uncertain_seg_ros.calibration import Calibration
 from uncertain_seg_ros.image_files import list_images, read_rgb
 from uncertain_seg_ros.model import UncertainSegmenter
@@ -43,9 +61,11 @@ from uncertain_seg_ros.preprocessing import to_input
 from uncertain_seg_ros.resources import resolve_bundle
 
 from . import distributed
-from .augment import AugmentConfig, sample_rng, train_transform
+from .augment import AugmentConfig, colour_jitter, geometric_transform, sample_rng
+from .batchnorm import reestimate_batchnorm
 from .checkpoint import save_checkpoint
 from .datasets import LabelledFolder
+from .masking import mask_generator, random_patch_mask
 from .train import (
     IGNORE,
     LoopConfig,
@@ -58,12 +78,15 @@ from .train import (
     loss_weights,
     optimisation_step,
     param_groups,
+    resolve_class_weighting,
     set_learning_rate,
     start_or_resume,
     supervised_losses,
 )
+from .losses import CLASS_WEIGHTINGS
 
 log = logging.getLogger(__name__)
+METHODS = ("gamma_ssl", "maskmatch", "both", "control", "bn_stats")
 
 
 @dataclass
@@ -78,15 +101,19 @@ class AdaptConfig(LoopConfig):
     dedupe: float = _opt(0.01, "skip near-duplicate bag frames (mean grey difference below this; 0 disables)")
     target_val_data: str = _opt("", "labelled TARGET validation folder, if some target frames are labelled")
     name: str = _opt("", "bundle name (default: <input name>-adapted)")
-    method: str = _opt("gamma_ssl", "gamma_ssl (Masked gamma-SSL), maskmatch, or both", choices=("gamma_ssl", "maskmatch", "both"))
+    method: str = _opt("gamma_ssl", "gamma_ssl (Masked gamma-SSL), maskmatch (masked pseudo-label consistency), both, "
+                                    "control (source loss only), bn_stats (BatchNorm statistics re-estimated on the target, no training)",
+                       choices=METHODS)
+    class_weighting: str = _opt("source", "cross-entropy class weights of the source loss; source = the input bundle's own",
+                                choices=("source", *CLASS_WEIGHTINGS))
     mask_ratio: float = _opt(0.5, "fraction of patches masked in the gamma-SSL query branch")
     tau: float = _opt(0.1, "softmax temperature of the consistency loss")
     consistency_weight: float = _opt(1.0, "weight of the gamma-SSL consistency loss")
-    maskmatch_ratio: float = _opt(0.7, "fraction of patches masked for the MaskMatch student")
-    maskmatch_weight: float = _opt(1.0, "weight of the MaskMatch pseudo-label loss")
-    pseudo_threshold: float = _opt(0.8, "MaskMatch: minimum teacher confidence of a pseudo-label")
-    pseudo_scales: tuple[float, ...] = _opt((0.75, 1.0, 1.25), "MaskMatch: input scales averaged by the teacher", nargs="+")
-    ema: float = _opt(0.99, "MaskMatch: EMA decay of the teacher")
+    maskmatch_ratio: float = _opt(0.7, "fraction of patches masked for the maskmatch student")
+    maskmatch_weight: float = _opt(1.0, "weight of the masked pseudo-label loss")
+    pseudo_threshold: float = _opt(0.8, "maskmatch: minimum teacher confidence of a pseudo-label")
+    pseudo_scales: tuple[float, ...] = _opt((0.75, 1.0, 1.25), "maskmatch: input scales averaged by the teacher", nargs="+")
+    ema: float = _opt(0.99, "maskmatch: EMA decay of the teacher")
     out: str = _opt("runs/adapt", "output folder: target_frames/, checkpoint/, train_log.jsonl, bundle/")
     steps: int = _opt(1000, "optimisation steps")
     batch_size: int = _opt(4, "source images and target images per step per process (each)")
@@ -102,9 +129,16 @@ class AdaptConfig(LoopConfig):
     def uses_maskmatch(self) -> bool:
         return self.method in ("maskmatch", "both")
 
+    @property
+    def uses_target(self) -> bool:
+        """Whether the method reads target frames."""
+        return self.method != "control"
+
 
 class TargetSet(Dataset):
-    """Unlabelled target frames, augmented like the source; the label marks padded pixels as IGNORE."""
+    """Unlabelled target frames: one random scale/crop/flip per frame, seen through two independent
+    colour jitters, the target branch's (and the teacher's) and the query branch's (and the
+    student's). Items are (target view, query view, valid = not padding)."""
 
     def __init__(self, images: list[Path], size: tuple[int, int], aug: AugmentConfig, seed: int) -> None:
         self.images, self.size, self.aug, self.seed = images, size, aug, seed
@@ -112,12 +146,14 @@ class TargetSet(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         index, epoch = item
         image = read_rgb(self.images[index])
-        label = torch.zeros(image.shape[:2], dtype=torch.int64).numpy()
-        image, label = train_transform(image, label, self.size, sample_rng(self.seed + 1, epoch, index), self.aug, IGNORE)
-        return torch.from_numpy(image), torch.from_numpy(label) != IGNORE
+        rng = sample_rng(self.seed + 1, epoch, index)
+        image, label = geometric_transform(image, np.zeros(image.shape[:2], np.int64), self.size, rng, self.aug, IGNORE)
+        target_view = colour_jitter(image, rng, self.aug)
+        query_view = colour_jitter(image, sample_rng(self.seed + 2, epoch, index), self.aug)
+        return torch.from_numpy(target_view), torch.from_numpy(query_view), torch.from_numpy(label != IGNORE)
 
 
 def target_frames(cfg: AdaptConfig, out: Path, is_main: bool) -> tuple[list[Path], dict]:
@@ -141,16 +177,6 @@ def target_frames(cfg: AdaptConfig, out: Path, is_main: bool) -> tuple[list[Path
         raise ValueError("no target frames: give --target-bags and/or --target-images")
     info["frames"] = len(frames)
     return frames, info
-
-
-def random_patch_mask(batch: int, grid: tuple[int, int], ratio: float, device: torch.device) -> torch.Tensor:
-    """(B, h*w) bool with ``round(ratio * h*w)`` randomly chosen patches True per image."""
-    n = grid[0] * grid[1]
-    k = int(round(ratio * n))
-    order = torch.rand(batch, n, device=device).argsort(dim=1)
-    mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
-    mask.scatter_(1, order[:, :k], True)
-    return mask
 
 
 def gamma_ssl_loss(target_logits: torch.Tensor, query_logits: torch.Tensor, valid: torch.Tensor,
@@ -207,25 +233,29 @@ def adapt(cfg: AdaptConfig) -> Path:
     bundle_path = resolve_bundle(cfg.bundle)
     source_bundle = load_bundle(bundle_path, "cpu")
     bcfg = copy.deepcopy(source_bundle.config)
-    model = source_bundle.model.train()
+    model = source_bundle.model
     size = (bcfg.input.height, bcfg.input.width)
     patch = bcfg.model.backbone.patch_size
     grid = (size[0] // patch, size[1] // patch)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    frames, target_info = target_frames(cfg, out, dist.is_main) if cfg.uses_target else ([], {"frames": 0})
+    if cfg.method == "bn_stats":
+        return _bn_stats(cfg, model, bcfg, source_bundle, bundle_path, frames, target_info, dist, out)
     folder = LabelledFolder(cfg.data)
     if folder.classes.num_classes != bcfg.model.num_classes:
         raise ValueError(f"{cfg.data} has {folder.classes.num_classes} classes, the bundle {bcfg.model.num_classes}")
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    frames, target_info = target_frames(cfg, out, dist.is_main)
+    scheme = resolve_class_weighting(cfg, bcfg.provenance)
 
-    frozen = copy.deepcopy(model).eval().requires_grad_(False).to(dist.device)
-    teacher = copy.deepcopy(model).eval().requires_grad_(False).to(dist.device) if cfg.uses_maskmatch else None
+    model.eval()  # every branch in eval mode: see the module docstring
+    frozen = copy.deepcopy(model).requires_grad_(False).to(dist.device) if cfg.uses_gamma_ssl else None
+    teacher = copy.deepcopy(model).requires_grad_(False).to(dist.device) if cfg.uses_maskmatch else None
     if cfg.backbone_lr_mult == 0:
         model.backbone.requires_grad_(False)
-        model.backbone.mask_token.requires_grad_(True)
+    model.backbone.mask_token.requires_grad_(cfg.method != "control")
     model.to(dist.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
-    weights = loss_weights(folder, cfg, dist.device)
+    weights = loss_weights(folder, scheme, dist.device)
     log_path, ckpt_path = out / "train_log.jsonl", out / "checkpoint"
     step, state = start_or_resume(cfg, model, optimizer, out, dist)
     if teacher is not None and state:
@@ -233,28 +263,34 @@ def adapt(cfg: AdaptConfig) -> Path:
     ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) if dist.enabled else model
 
     aug = cfg.augmentation()
+    datasets = [(TrainSet(folder, size, aug, cfg.seed), cfg.seed)]
+    if cfg.uses_target:
+        datasets.append((TargetSet(frames, size, aug, cfg.seed), cfg.seed + 7))
     loaders = []
-    for dataset, seed in ((TrainSet(folder, size, aug, cfg.seed), cfg.seed), (TargetSet(frames, size, aug, cfg.seed), cfg.seed + 7)):
+    for dataset, seed in datasets:
         batches = StepBatches(len(dataset), cfg.batch_size, dist.world_size, dist.rank, seed, step, cfg.steps)
         loaders.append(DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers, pin_memory=dist.device.type == "cuda",
                                   generator=torch.Generator().manual_seed(seed)))
+    target_batches = loaders[1] if cfg.uses_target else itertools.repeat(None)
     autocast, scaler = _autocast(dist.device, cfg.amp)
     mean, std = bcfg.input.mean, bcfg.input.std
     B = cfg.batch_size
-    t0, last, start = time.time(), {}, step
+    t0, cpu0, last, start = time.time(), time.process_time(), {}, step
     bar = tqdm(total=cfg.steps, initial=step, desc=f"adapt ({cfg.method})", unit="step", disable=not dist.is_main)
-    for (src_img, src_lab), (tgt_img, tgt_valid) in zip(*loaders):
+    for (src_img, src_lab), target in zip(loaders[0], target_batches):
         set_learning_rate(optimizer, cfg, step)
-        src_lab, tgt_valid = src_lab.to(dist.device), tgt_valid.to(dist.device)
-        x_src = to_input(src_img.to(dist.device), size, mean, std)
-        x_tgt = to_input(tgt_img.to(dist.device), size, mean, std)
-        chunks, masks = [x_src], [torch.zeros(B, grid[0] * grid[1], dtype=torch.bool, device=dist.device)]
-        if cfg.uses_gamma_ssl:
-            chunks.append(x_tgt)
-            masks.append(random_patch_mask(B, grid, cfg.mask_ratio, dist.device))
-        if cfg.uses_maskmatch:
-            chunks.append(x_tgt)
-            masks.append(random_patch_mask(B, grid, cfg.maskmatch_ratio, dist.device))
+        src_lab = src_lab.to(dist.device)
+        chunks = [to_input(src_img.to(dist.device), size, mean, std)]
+        masks = [torch.zeros(B, grid[0] * grid[1], dtype=torch.bool, device=dist.device)]
+        if target is not None:
+            tgt_view, query_view, tgt_valid = (t.to(dist.device) for t in target)
+            x_tgt = to_input(tgt_view, size, mean, std)
+            x_query = to_input(query_view, size, mean, std)
+            generator = mask_generator(cfg.seed * dist.world_size + dist.rank, step)
+            for used, ratio in ((cfg.uses_gamma_ssl, cfg.mask_ratio), (cfg.uses_maskmatch, cfg.maskmatch_ratio)):
+                if used:
+                    chunks.append(x_query)
+                    masks.append(random_patch_mask(B, grid, ratio, dist.device, generator))
         with autocast:
             logits, predicted_loss = ddp(torch.cat(chunks), torch.cat(masks))
         logits = upsample(logits.float(), size)
@@ -285,7 +321,8 @@ def adapt(cfg: AdaptConfig) -> Path:
         bar.update(1)
         if dist.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
             last = {"step": step, "loss": loss.item(), **stats, "lr": optimizer.param_groups[0]["lr"],
-                    "elapsed_s": round(time.time() - t0, 2)}
+                    "elapsed_s": round(time.time() - t0, 2),
+                    "cpu_s": round(time.process_time() - cpu0, 2)}
             with open(log_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
             bar.set_postfix(loss=f"{last['loss']:.3f}")
@@ -308,23 +345,49 @@ def adapt(cfg: AdaptConfig) -> Path:
 
     result_path = out / "bundle"
     if dist.is_main:
-        exported = model
-        bcfg = replace(bcfg, name=cfg.name or f"{bcfg.name}-adapted", calibration=Calibration())
-        bcfg.provenance = {
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "tool": f"uncertain_seg_ros {__version__}, torch {torch.__version__}",
-            "stage": f"adaptation ({cfg.method})",
-            "input_bundle": {"path": str(bundle_path), "model_id": source_bundle.model_id, "name": source_bundle.config.name},
-            "source_data": str(cfg.data),
-            "target": target_info,
-            "steps": cfg.steps,
-            "batch_size": cfg.batch_size * dist.world_size,
-            "processes": dist.world_size,
-            "adapt_config": asdict(cfg),
-            "metrics": {k: v for k, v in last.items() if k != "elapsed_s"},
-            "previous": source_bundle.config.provenance,
-        }
-        save_bundle(result_path, exported, bcfg)
+        metrics = {k: v for k, v in last.items() if k not in ("elapsed_s", "cpu_s")}
+        _export(result_path, model, bcfg, cfg, source_bundle, bundle_path, target_info, dist,
+                {"class_weighting": scheme, "steps": cfg.steps, "batch_size": cfg.batch_size * dist.world_size, "metrics": metrics})
     distributed.barrier()
     distributed.teardown()
     return result_path
+
+
+def _bn_stats(cfg: AdaptConfig, model: UncertainSegmenter, bcfg: BundleConfig, source_bundle, bundle_path: Path,
+              frames: list[Path], target_info: dict, dist: distributed.DistInfo, out: Path) -> Path:
+    """``--method bn_stats``: re-estimate the BatchNorm statistics on the whole target frames and export."""
+    size = (bcfg.input.height, bcfg.input.width)
+    model.to(dist.device)
+
+    def batches():
+        for path in tqdm(frames, desc="BatchNorm statistics", unit="frame", disable=not dist.is_main):
+            image = torch.from_numpy(np.ascontiguousarray(read_rgb(path)))[None].to(dist.device)
+            yield to_input(image, size, bcfg.input.mean, bcfg.input.std)
+
+    values = reestimate_batchnorm(model, batches())
+    result_path = out / "bundle"
+    if dist.is_main:
+        _export(result_path, model, bcfg, cfg, source_bundle, bundle_path, target_info, dist,
+                {"steps": 0, "batch_size": 1, "batchnorm_values_per_channel": values})
+    distributed.barrier()
+    distributed.teardown()
+    return result_path
+
+
+def _export(path: Path, model: UncertainSegmenter, bcfg: BundleConfig, cfg: AdaptConfig, source_bundle, bundle_path: Path,
+            target_info: dict, dist: distributed.DistInfo, extra: dict) -> None:
+    """Write the adapted bundle (calibration reset: calibrate it anew) with its provenance."""
+    bcfg = replace(bcfg, name=cfg.name or f"{bcfg.name}-adapted", calibration=Calibration())
+    bcfg.provenance = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tool": f"uncertain_seg_ros {__version__}, torch {torch.__version__}",
+        "stage": f"adaptation ({cfg.method})",
+        "input_bundle": {"path": str(bundle_path), "model_id": source_bundle.model_id, "name": source_bundle.config.name},
+        "source_data": str(cfg.data),
+        "target": target_info,
+        "processes": dist.world_size,
+        **extra,
+        "adapt_config": asdict(cfg),
+        "previous": source_bundle.config.provenance,
+    }
+    save_bundle(path, model, bcfg)

@@ -26,17 +26,18 @@ def _resize(image: np.ndarray, label: np.ndarray, scale: float) -> tuple[np.ndar
     return cv2.resize(image, size, interpolation=interp), cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
 
 
-def _jitter(image: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+def colour_jitter(image: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    """Random brightness, contrast and saturation (uint8 RGB in and out)."""
     x = image.astype(np.float32)
     x *= 1.0 + rng.uniform(-cfg.brightness, cfg.brightness)
     mean = x.mean()
     x = (x - mean) * (1.0 + rng.uniform(-cfg.contrast, cfg.contrast)) + mean
     grey = x.mean(axis=2, keepdims=True)
     x = (x - grey) * (1.0 + rng.uniform(-cfg.saturation, cfg.saturation)) + grey
-    return np.clip(x, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(np.clip(x, 0, 255).astype(np.uint8))
 
 
-def train_transform(
+def geometric_transform(
     image: np.ndarray,
     label: np.ndarray,
     size: tuple[int, int],
@@ -44,7 +45,7 @@ def train_transform(
     cfg: AugmentConfig,
     ignore_index: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Random-scale (relative to fitting the image height to ``size``), crop to ``size``, flip, jitter."""
+    """Random-scale (relative to fitting the image height to ``size``), crop to ``size``, flip."""
     H, W = size
     scale = H / label.shape[0] * rng.uniform(cfg.scale_min, cfg.scale_max)
     image, label = _resize(image, label.astype(np.int32), scale)
@@ -57,7 +58,20 @@ def train_transform(
     image, label = image[y : y + H, x : x + W], label[y : y + H, x : x + W]
     if cfg.hflip and rng.random() < 0.5:
         image, label = image[:, ::-1], label[:, ::-1]
-    return np.ascontiguousarray(_jitter(image, rng, cfg)), np.ascontiguousarray(label.astype(np.int64))
+    return np.ascontiguousarray(image), np.ascontiguousarray(label.astype(np.int64))
+
+
+def train_transform(
+    image: np.ndarray,
+    label: np.ndarray,
+    size: tuple[int, int],
+    rng: np.random.Generator,
+    cfg: AugmentConfig,
+    ignore_index: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`geometric_transform`, then :func:`colour_jitter`, from one generator."""
+    image, label = geometric_transform(image, label, size, rng, cfg, ignore_index)
+    return colour_jitter(image, rng, cfg), label
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

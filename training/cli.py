@@ -117,7 +117,7 @@ def _train(args: argparse.Namespace) -> int:
 def _adapt_options(p: argparse.ArgumentParser) -> None:
     from .adapt import AdaptConfig
 
-    _add_dataclass_options(p, AdaptConfig, required=("bundle", "data"))
+    _add_dataclass_options(p, AdaptConfig, required=("bundle",))
     _add_overwrite(p, "start a new run in --out although it holds a previous run's checkpoint/, train_log.jsonl, "
                       "bundle/ or target_frames/ (they are removed first); without it, only --resume continues there")
 
@@ -127,6 +127,8 @@ def _adapt(args: argparse.Namespace) -> int:
     from .output_folders import prepare_run_folder
 
     cfg = _dataclass_from_args(AdaptConfig, args)
+    if not cfg.data and cfg.method != "bn_stats":
+        raise ValueError(f"--data (the labelled source folder) is required with --method {cfg.method}")
     prepare_run_folder(cfg.out, cfg.resume, args.overwrite)
     path = adapt(cfg)
     print(f"{'bundle' if path.name == 'bundle' else 'checkpoint'}: {path}")
@@ -178,20 +180,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="supervised training on a labelled image folder; writes checkpoints, a log and "
                                      "a model bundle", options=_train_options, description=(
         "Supervised training: AdamW, ignore-aware (optionally class-balanced) cross-entropy, scale/crop/flip/colour "
-        "augmentation, the loss-prediction uncertainty head trained with a ranking loss on stop-gradient features. "
+        "augmentation, optional random patch masking (--mask-ratio-max; trains the mask token), the loss-prediction "
+        "uncertainty head trained with a ranking loss on stop-gradient features; --init-bundle continues a bundle. "
         "Example: uncertain-seg train --data ../shared/data/camvid/day/train --val-data ../shared/data/camvid/day/val "
         "--backbone dinov2_vits14 --pretrained dinov2_vits14_pretrain.pth --backbone-lr-mult 0.1 --out runs/vits14"))
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("adapt", help="adapt a bundle to a new site from its unlabelled bags (Masked gamma-SSL, MaskMatch)",
+    p = sub.add_parser("adapt", help="adapt a bundle to a new site from its unlabelled bags (Masked gamma-SSL, masked pseudo-labels)",
                        options=_adapt_options, description=(
         "Adapts a trained bundle to unlabelled target frames read from bags (or an image folder), keeping the "
-        "supervised loss on the labelled source data. gamma_ssl: a frozen copy of the input model labels the full "
-        "image, the trained model sees it with half its patches masked and must agree where it is certain (gamma "
-        "re-set per batch from the disagreement rate). maskmatch: an EMA teacher's multi-scale, confidence-"
-        "thresholded pseudo-labels supervise a student that sees heavily masked images. Calibrate the result "
-        "afterwards (uncertain-seg calibrate). Example: uncertain-seg adapt --bundle runs/vits14/bundle --data "
-        "../shared/data/camvid/day/train --target-bags dusk_bag --out runs/adapt"))
+        "supervised loss on the labelled source data (with the bundle's own class weighting). gamma_ssl (Masked "
+        "gamma-SSL): a frozen copy of the input model labels the full image, the trained model sees it with half its "
+        "patches masked and must agree where it is certain (gamma re-set per batch from the disagreement rate). "
+        "maskmatch (masked pseudo-label consistency, the masked part of MaskMatch): an EMA teacher's multi-scale, "
+        "confidence-thresholded pseudo-labels supervise a student that sees heavily masked images. control: the "
+        "same loop with the source loss only (the baseline an adapted model must beat). bn_stats: no training, the "
+        "BatchNorm statistics re-estimated on the target frames. Every branch runs in eval mode (BatchNorm "
+        "statistics frozen, no drop-path); each branch gets its own colour jitter. --backbone-lr-mult 0 trains "
+        "the heads and the mask token only. Calibrate the result afterwards (uncertain-seg calibrate). Example: "
+        "uncertain-seg adapt --bundle runs/vits14/bundle --data ../shared/data/camvid/day/train --target-bags "
+        "dusk_bag --out runs/adapt"))
     p.set_defaults(func=_adapt)
 
     p = sub.add_parser("evaluate", help="mIoU, misclassification detection and ECE of a bundle on a labelled folder; "

@@ -13,22 +13,31 @@ from tqdm import tqdm
 
 from uncertain_seg_ros.bundle import BundleConfig, load_bundle
 from uncertain_seg_ros.calibration import Calibration
-from uncertain_seg_ros.metrics import CalibrationBins, ConfusionMatrix, MisclassificationCurves
+from uncertain_seg_ros.metrics import ECE_BINS, CalibrationBins, ConfusionMatrix, MisclassificationCurves
 from uncertain_seg_ros.model import UncertainSegmenter
 from uncertain_seg_ros.prediction import decode, upsample
 from uncertain_seg_ros.resources import resolve_bundle
 from uncertain_seg_ros.preprocessing import to_input
-from uncertain_seg_ros.uncertainty import UNCERTAINTY_SOURCES, uncertainty
+from uncertain_seg_ros.uncertainty import UNCERTAINTY_SOURCES, learned_uncertainty, uncertainty
 
 from .datasets import LabelledFolder
 from .distributed import all_reduce_sum, resolve_device
+from .frame_stats import FrameStatistics
 
 log = logging.getLogger(__name__)
+CONFIDENCE_SOURCES = ("max_softmax", "entropy")  # the uncertainty sources that calibration changes
 
 
 @dataclass
 class Evaluation:
-    """Accumulated statistics of one evaluation run."""
+    """Accumulated statistics of one evaluation run.
+
+    ``curves`` holds one entry per uncertainty source under the bundle's calibration ("max_softmax",
+    "entropy", "learned"), then ``<variant>/max_softmax`` and ``<variant>/entropy`` per extra
+    calibration variant and one entry per extra uncertainty head; ``calibration`` holds
+    "uncalibrated", "calibrated" (when the bundle is calibrated) and one entry per variant.
+    ``frame_stats`` keeps the same per frame when asked for.
+    """
 
     confusion: ConfusionMatrix
     curves: dict[str, MisclassificationCurves]
@@ -36,6 +45,7 @@ class Evaluation:
     mask_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
     frame_count: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))
     montage: list = field(default_factory=list)
+    frame_stats: FrameStatistics | None = None
 
     @property
     def frames(self) -> int:
@@ -61,6 +71,23 @@ class Evaluation:
         }
 
 
+class _Accumulators:
+    """One set of accumulators (confusion, curves per score, calibration bins), updated per frame."""
+
+    def __init__(self, num_classes: int, curves: list[str], calibration: list[str], bins: int, device: torch.device) -> None:
+        self.confusion = ConfusionMatrix(num_classes, None, device=device)
+        self.curves = {c: MisclassificationCurves(bins, device=device) for c in curves}
+        self.calibration = {c: CalibrationBins(ECE_BINS, device=device) for c in calibration}
+
+    def update(self, labels: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, error: torch.Tensor,
+               scores: dict[str, torch.Tensor], confidences: dict[str, torch.Tensor]) -> None:
+        self.confusion.update(labels[valid], target[valid])
+        for name, c in self.curves.items():
+            c.update(scores[name], error, valid)
+        for name, b in self.calibration.items():
+            b.update(confidences[name], ~error, valid)
+
+
 @torch.no_grad()
 def run_evaluation(
     model: UncertainSegmenter,
@@ -70,47 +97,67 @@ def run_evaluation(
     indices: list[int] | None = None,
     montage_count: int = 0,
     progress: bool = True,
+    *,
+    variants: dict[str, tuple[Calibration, torch.nn.Module | None]] | None = None,
+    heads: dict[str, torch.nn.Module] | None = None,
+    frame_bins: int = 0,
 ) -> Evaluation:
     """Evaluate ``model`` on the frames ``indices`` of ``folder`` (all by default) at label resolution.
 
-    In a torchrun job each process passes its own share of ``indices``; the totals are summed
-    across processes before returning.
+    ``variants`` adds other calibrations (name -> (calibration, selector or None)) of the same network
+    outputs, ``heads`` other loss-prediction heads on the same features (their uncertainty is
+    ``1 - exp(-predicted loss)``, like "learned"): one network pass serves them all. With
+    ``frame_bins`` > 0, ``frame_stats`` keeps every accumulator per frame, the uncertainty histograms
+    at ``frame_bins`` bins (in a torchrun job: this process's frames only). In a torchrun job each
+    process passes its own share of ``indices``; the pooled totals are summed across processes.
     """
     was_training = model.training
     model.eval()
     k = config.model.num_classes
-    ev = Evaluation(
-        confusion=ConfusionMatrix(k, None, device=device),
-        curves={s: MisclassificationCurves(device=device) for s in UNCERTAINTY_SOURCES},
-        calibration={"uncalibrated": CalibrationBins(15, device=device)},
-        mask_counts=torch.zeros(3, dtype=torch.float64, device=device),
-        frame_count=torch.zeros(1, dtype=torch.float64, device=device),
-    )
-    if config.calibration != Calibration():
-        ev.calibration["calibrated"] = CalibrationBins(15, device=device)
+    variants, heads = variants or {}, heads or {}
+    calibrated = config.calibration != Calibration()
+    curve_names = [*UNCERTAINTY_SOURCES, *(f"{v}/{s}" for v in variants for s in CONFIDENCE_SOURCES), *heads]
+    calibration_names = ["uncalibrated", *(["calibrated"] if calibrated else []), *variants]
+    pooled = _Accumulators(k, curve_names, calibration_names, MisclassificationCurves().bins, device)
+    ev = Evaluation(confusion=pooled.confusion, curves=pooled.curves, calibration=pooled.calibration,
+                    mask_counts=torch.zeros(3, dtype=torch.float64, device=device),
+                    frame_count=torch.zeros(1, dtype=torch.float64, device=device))
     indices = list(range(len(folder))) if indices is None else indices
+    if frame_bins:
+        ev.frame_stats = FrameStatistics.allocate([folder.images[i].stem for i in indices], k, frame_bins, curve_names, calibration_names)
     shown = set(np.linspace(0, len(folder) - 1, montage_count).round().astype(int).tolist()) if montage_count else set()
     size = (config.input.height, config.input.width)
-    for i in tqdm(indices, desc=f"evaluate {folder.root.name}", disable=not progress, unit="frame"):
+    for row, i in enumerate(tqdm(indices, desc=f"evaluate {folder.root.name}", disable=not progress, unit="frame")):
         image, label = folder.read(i)
         target = torch.from_numpy(label).to(device)
         valid = (target >= 0) & (target < k)
         if config.ignore_index is not None:
             valid &= target != config.ignore_index
         x = to_input(torch.from_numpy(image).unsqueeze(0).to(device), size, config.input.mean, config.input.std)
-        logits, loss = model(x)
+        if heads:
+            features = model.features(x)
+            logits, loss = model.head(features), model.uncertainty_head(features)
+        else:
+            logits, loss = model(x)
         pred = decode(logits, loss, label.shape, config.calibration, config.uncertainty_source, config.mask_threshold, selector=model.selector)
         labels = pred.labels[0]
         error = (labels != target) & valid
-        ev.confusion.update(labels[valid], target[valid])
-        for source, curves in ev.curves.items():
-            curves.update(uncertainty(source, pred.probs, pred.predicted_loss)[0], error, valid)
-        if "calibrated" in ev.calibration:
-            ev.calibration["calibrated"].update(pred.confidence[0], ~error, valid)
-            raw_confidence = upsample(logits.float(), label.shape).softmax(dim=1).amax(dim=1)
-            ev.calibration["uncalibrated"].update(raw_confidence[0], ~error, valid)
-        else:
-            ev.calibration["uncalibrated"].update(pred.confidence[0], ~error, valid)
+        scores = {s: uncertainty(s, pred.probs, pred.predicted_loss)[0] for s in UNCERTAINTY_SOURCES}
+        raw = upsample(logits.float(), label.shape) if calibrated or variants else None
+        confidences = {"uncalibrated": raw.softmax(dim=1).amax(dim=1)[0] if calibrated else pred.confidence[0]}
+        if calibrated:
+            confidences["calibrated"] = pred.confidence[0]
+        for name, (calibration, selector) in variants.items():
+            probs = calibration.apply(raw, selector).softmax(dim=1)
+            confidences[name] = probs.amax(dim=1)[0]
+            scores.update({f"{name}/{s}": uncertainty(s, probs)[0] for s in CONFIDENCE_SOURCES})
+        for name, head in heads.items():
+            scores[name] = learned_uncertainty(upsample(head(features).float(), label.shape)[:, 0])[0]
+        pooled.update(labels, target, valid, error, scores, confidences)
+        if ev.frame_stats is not None:
+            frame = _Accumulators(k, curve_names, calibration_names, frame_bins, device)
+            frame.update(labels, target, valid, error, scores, confidences)
+            ev.frame_stats.record(row, frame.confusion, frame.curves, frame.calibration)
         mask = pred.mask[0] & valid
         ev.mask_counts += torch.stack([(mask & error).sum(), mask.sum(), error.sum()]).double()
         ev.frame_count += 1

@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,10 +22,12 @@ from tqdm import tqdm
 
 from uncertain_seg_ros import __version__
 from uncertain_seg_ros.atomic_io import atomic_write_text
-from uncertain_seg_ros.bundle import BundleConfig, InputSpec, save_bundle
+from uncertain_seg_ros.bundle import BundleConfig, InputSpec, load_bundle, save_bundle
+from uncertain_seg_ros.calibration import Calibration
 from uncertain_seg_ros.model import SegmenterConfig, UncertainSegmenter, backbone_config, dinov2_backbone
 from uncertain_seg_ros.prediction import upsample
 from uncertain_seg_ros.preprocessing import to_input
+from uncertain_seg_ros.resources import resolve_bundle
 from uncertain_seg_ros.uncertainty import UNCERTAINTY_SOURCES
 
 from . import distributed
@@ -33,6 +35,7 @@ from .augment import AugmentConfig, sample_rng, train_transform
 from .checkpoint import LOADED_FROM, load_checkpoint, save_checkpoint, settle_checkpoint
 from .datasets import LabelledFolder
 from .losses import CLASS_WEIGHTINGS, class_weights, ranking_loss
+from .masking import mask_generator, random_ratio_mask
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -52,11 +55,13 @@ class LoopConfig:
     batch_size: int = _opt(8, "images per step per process")
     lr: float = _opt(1e-3, "peak AdamW learning rate of the heads")
     backbone_lr_mult: float = _opt(1.0, "backbone LR = lr x this (e.g. 0.1 when fine-tuning pretrained weights, 0 freezes)")
+    mask_token_lr_mult: float = _opt(1.0, "mask token LR = lr x this, whatever the backbone's (so it trains with a frozen backbone)")
     weight_decay: float = _opt(0.05, "AdamW weight decay (not on norms, biases, tokens)")
     warmup_steps: int = _opt(100, "linear warm-up steps, then cosine decay")
     min_lr_ratio: float = _opt(0.01, "final LR as a fraction of the peak")
     grad_clip: float = _opt(1.0, "gradient norm clip (0 disables)")
-    class_weighting: str = _opt("none", "cross-entropy class weights", choices=CLASS_WEIGHTINGS)
+    class_weighting: str = _opt("none", "cross-entropy class weights; source = the starting bundle's own (from its provenance)",
+                                choices=("source", *CLASS_WEIGHTINGS))
     ranking_weight: float = _opt(1.0, "weight of the uncertainty head's ranking loss")
     ranking_pairs: int = _opt(4096, "pixel pairs per step for the ranking loss")
     scale_min: float = _opt(0.6, "smallest random scale, relative to fitting the image height")
@@ -81,7 +86,11 @@ class LoopConfig:
 @dataclass
 class TrainConfig(LoopConfig):
     data: str = _opt("", "labelled training folder (images/ + labels/, classes.yaml in it or a parent)")
-    name: str = _opt("", "bundle name (default: <backbone>-<data folder>)")
+    name: str = _opt("", "bundle name (default: <backbone>-<data folder>, or the --init-bundle's name)")
+    init_bundle: str = _opt("", "continue training this bundle (folder or shipped name): its weights, architecture, "
+                                "classes and input size; --backbone, --pretrained, --input-size and the head options are then unused")
+    mask_ratio_max: float = _opt(0.0, "random patch masking: each image gets a fraction drawn uniformly from [0, this] of its "
+                                      "patches replaced by the trainable mask_token (0: no masking, the token stays frozen)")
     backbone: str = _opt("dinov2_vits14", "backbone by official hub name (dinov2_vits14, dinov2_vitb14_reg, ...) or demo_vitt14")
     pretrained: str = _opt("", "official DINOv2 backbone weights (.pth or .safetensors) to start from")
     download_pretrained: bool = _opt(False, "download the official weights for --backbone (needs internet)")
@@ -152,10 +161,15 @@ def lr_factor(step: int, cfg: LoopConfig) -> float:
 
 
 def param_groups(model: UncertainSegmenter, cfg: LoopConfig) -> list[dict]:
-    """AdamW groups: backbone / heads x decay / no decay (norms, biases, tokens, layer scales)."""
+    """AdamW groups: backbone / heads x decay / no decay (norms, biases, tokens, layer scales), and the
+    mask token on its own (``mask_token_lr_mult``, no decay), so that it is trained with a frozen backbone."""
     groups = {(b, d): [] for b in (True, False) for d in (True, False)}
+    token = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
+            continue
+        if name == "backbone.mask_token":
+            token.append(p)
             continue
         is_backbone = name.startswith("backbone.")
         no_decay = p.ndim < 2 or name.endswith(("_token", "pos_embed", "register_tokens", "gamma"))
@@ -165,7 +179,32 @@ def param_groups(model: UncertainSegmenter, cfg: LoopConfig) -> list[dict]:
         mult = cfg.backbone_lr_mult if is_backbone else 1.0
         if params and mult > 0:
             out.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_mult": mult})
+    if token and cfg.mask_token_lr_mult > 0:
+        out.append({"params": token, "weight_decay": 0.0, "lr_mult": cfg.mask_token_lr_mult})
     return out
+
+
+def source_class_weighting(provenance: dict) -> str:
+    """The class weighting a bundle was trained with, from its provenance (following ``previous`` back)."""
+    record = provenance
+    while record:
+        if record.get("class_weighting") in CLASS_WEIGHTINGS:
+            return record["class_weighting"]
+        for key in ("train_config", "adapt_config"):
+            if (record.get(key) or {}).get("class_weighting") in CLASS_WEIGHTINGS:
+                return record[key]["class_weighting"]
+        record = record.get("previous") or {}
+    raise ValueError("the bundle's provenance does not say which class weighting it was trained with; "
+                     f"pass --class-weighting (one of {CLASS_WEIGHTINGS})")
+
+
+def resolve_class_weighting(cfg: LoopConfig, provenance: dict | None) -> str:
+    """``cfg.class_weighting``, with "source" replaced by the starting bundle's own."""
+    if cfg.class_weighting != "source":
+        return cfg.class_weighting
+    if provenance is None:
+        raise ValueError("--class-weighting source needs a starting bundle (--init-bundle)")
+    return source_class_weighting(provenance)
 
 
 def bundle_config(cfg: TrainConfig, folder: LabelledFolder, model_cfg: SegmenterConfig) -> BundleConfig:
@@ -255,8 +294,8 @@ def start_or_resume(cfg: LoopConfig, model: torch.nn.Module, optimizer: torch.op
     return 0, {}
 
 
-def loss_weights(folder: LabelledFolder, cfg: LoopConfig, device: torch.device) -> torch.Tensor | None:
-    weights = class_weights(folder.class_frequencies(), cfg.class_weighting)
+def loss_weights(folder: LabelledFolder, scheme: str, device: torch.device) -> torch.Tensor | None:
+    weights = class_weights(folder.class_frequencies(), scheme)
     return weights.to(device) if weights is not None else None
 
 
@@ -276,29 +315,23 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     folder = LabelledFolder(cfg.data)
-    model_cfg = SegmenterConfig(
-        num_classes=folder.classes.num_classes,
-        backbone=backbone_config(cfg.backbone, drop_path_rate=cfg.drop_path),
-        n_last_blocks=cfg.n_last_blocks,
-        uncertainty_hidden=cfg.uncertainty_hidden,
-    )
-    bcfg = bundle_config(cfg, folder, model_cfg)
-    bcfg.validate()
-    model = UncertainSegmenter(model_cfg)
-    if cfg.pretrained or cfg.download_pretrained:
-        pretrained = dinov2_backbone(cfg.backbone, cfg.pretrained or None, cfg.download_pretrained, drop_path_rate=cfg.drop_path)
-        model.backbone.load_state_dict(pretrained.state_dict(), strict=True)
+    if not 0.0 <= cfg.mask_ratio_max <= 1.0:
+        raise ValueError(f"--mask-ratio-max must lie in [0, 1], got {cfg.mask_ratio_max}")
+    model, bcfg, init = _initial_model(cfg, folder)
+    scheme = resolve_class_weighting(cfg, init["provenance"] if init else None)
+    size = (bcfg.input.height, bcfg.input.width)
+    grid = (size[0] // bcfg.model.backbone.patch_size, size[1] // bcfg.model.backbone.patch_size)
     if cfg.backbone_lr_mult == 0:
         model.backbone.requires_grad_(False)
-    model.backbone.mask_token.requires_grad_(False)  # nothing is masked in supervised training
+    model.backbone.mask_token.requires_grad_(cfg.mask_ratio_max > 0)  # trained only when patches are masked
     model.to(dist.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
-    weights = loss_weights(folder, cfg, dist.device)
+    weights = loss_weights(folder, scheme, dist.device)
     log_path, ckpt_path = out / "train_log.jsonl", out / "checkpoint"
     step, _ = start_or_resume(cfg, model, optimizer, out, dist)
     ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) if dist.enabled else model
 
-    dataset = TrainSet(folder, tuple(cfg.input_size), cfg.augmentation(), cfg.seed)
+    dataset = TrainSet(folder, size, cfg.augmentation(), cfg.seed)
     batches = StepBatches(len(dataset), cfg.batch_size, dist.world_size, dist.rank, cfg.seed, step, cfg.steps)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers, pin_memory=dist.device.type == "cuda",
                         persistent_workers=cfg.workers > 0 and step < cfg.steps,
@@ -306,15 +339,19 @@ def train(cfg: TrainConfig) -> Path:
     autocast, scaler = _autocast(dist.device, cfg.amp)
     mean, std = bcfg.input.mean, bcfg.input.std
     extra = {"config": asdict(cfg)}
-    t0, last, start = time.time(), {}, step
+    t0, cpu0, last, start = time.time(), time.process_time(), {}, step
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not dist.is_main)
     model.train()
     for images, labels in loader:
         set_learning_rate(optimizer, cfg, step)
         images = images.to(dist.device, non_blocking=True)
         labels = labels.to(dist.device, non_blocking=True)
+        masks = None
+        if cfg.mask_ratio_max > 0:
+            generator = mask_generator(cfg.seed * dist.world_size + dist.rank, step)
+            masks = random_ratio_mask(len(images), grid, cfg.mask_ratio_max, dist.device, generator)
         with autocast:
-            logits, predicted_loss = ddp(to_input(images, tuple(cfg.input_size), mean, std))
+            logits, predicted_loss = ddp(to_input(images, size, mean, std), masks)
         seg_loss, rank_loss = supervised_losses(logits, predicted_loss, labels, weights, cfg)
         loss = seg_loss + cfg.ranking_weight * rank_loss
         grad_norm = optimisation_step(loss, model, optimizer, scaler, cfg.grad_clip)
@@ -322,7 +359,8 @@ def train(cfg: TrainConfig) -> Path:
         bar.update(1)
         if dist.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
             last = {"step": step, "loss": loss.item(), "seg_loss": seg_loss.item(), "rank_loss": rank_loss.item(),
-                    "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "elapsed_s": round(time.time() - t0, 2)}
+                    "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "elapsed_s": round(time.time() - t0, 2),
+                    "cpu_s": round(time.process_time() - cpu0, 2)}
             with open(log_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
             bar.set_postfix(loss=f"{last['loss']:.3f}", seg=f"{last['seg_loss']:.3f}", rank=f"{last['rank_loss']:.3f}")
@@ -347,19 +385,53 @@ def train(cfg: TrainConfig) -> Path:
         bcfg.provenance = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "tool": f"uncertain_seg_ros {__version__}, torch {torch.__version__}",
-            "stage": "supervised",
+            "stage": "supervised" if init is None else "supervised (continued)",
             "data": {"train": str(cfg.data), "val": cfg.val_data or None, "train_frames": len(folder)},
             "pretrained": cfg.pretrained or ("official download" if cfg.download_pretrained else None),
             "steps": cfg.steps,
             "batch_size": cfg.batch_size * dist.world_size,
             "processes": dist.world_size,
+            "class_weighting": scheme,
+            "mask_ratio_max": cfg.mask_ratio_max,
             "train_config": asdict(cfg),
-            "metrics": {k: v for k, v in last.items() if k != "elapsed_s"},
+            "metrics": {k: v for k, v in last.items() if k not in ("elapsed_s", "cpu_s")},
         }
+        if init is not None:
+            bcfg.provenance.update(init_bundle={k: init[k] for k in ("path", "model_id", "name")}, previous=init["provenance"])
         save_bundle(bundle_path, model, bcfg)
     distributed.barrier()
     distributed.teardown()
     return bundle_path
+
+
+def _initial_model(cfg: TrainConfig, folder: LabelledFolder) -> tuple[UncertainSegmenter, BundleConfig, dict | None]:
+    """(model, bundle config, None) built from the options, or continued from ``cfg.init_bundle``
+    (then the third item describes that bundle: path, model id, name, provenance)."""
+    if not cfg.init_bundle:
+        model_cfg = SegmenterConfig(
+            num_classes=folder.classes.num_classes,
+            backbone=backbone_config(cfg.backbone, drop_path_rate=cfg.drop_path),
+            n_last_blocks=cfg.n_last_blocks,
+            uncertainty_hidden=cfg.uncertainty_hidden,
+        )
+        bcfg = bundle_config(cfg, folder, model_cfg)
+        bcfg.validate()
+        model = UncertainSegmenter(model_cfg)
+        if cfg.pretrained or cfg.download_pretrained:
+            pretrained = dinov2_backbone(cfg.backbone, cfg.pretrained or None, cfg.download_pretrained, drop_path_rate=cfg.drop_path)
+            model.backbone.load_state_dict(pretrained.state_dict(), strict=True)
+        return model, bcfg, None
+    if cfg.pretrained or cfg.download_pretrained:
+        raise ValueError("--init-bundle continues a trained bundle; --pretrained / --download-pretrained do not apply")
+    path = resolve_bundle(cfg.init_bundle)
+    bundle = load_bundle(path, "cpu")
+    if folder.classes.num_classes != bundle.config.model.num_classes:
+        raise ValueError(f"{cfg.data} has {folder.classes.num_classes} classes, the bundle {path} {bundle.config.model.num_classes}")
+    model = bundle.model
+    model.set_selector(None)
+    bcfg = replace(bundle.config, name=cfg.name or bundle.config.name, model=model.cfg, calibration=Calibration(), provenance={})
+    info = {"path": str(path), "model_id": bundle.model_id, "name": bundle.config.name, "provenance": bundle.config.provenance}
+    return model, bcfg, info
 
 
 def _validate(model: UncertainSegmenter, bcfg: BundleConfig, data: str, dist: distributed.DistInfo, step: int, log_path: Path) -> dict:

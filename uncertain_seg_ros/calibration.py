@@ -4,7 +4,8 @@
 - **Selective scaling** (Wang et al., CVPR 2023, "On calibrating semantic segmentation models:
   analyses and an algorithm"): a small per-pixel selector, an MLP on the log-softmax of the
   uncalibrated logits, flags likely mispredictions; flagged pixels' logits are divided by a large
-  temperature ``T_sel``, the others are left as they are (T = 1).
+  temperature ``T_sel``, the others by the temperature-scaling ``T`` (selective scaling on top of
+  temperature scaling; T = 1 leaves them as they are).
 
 Both only divide logits by a positive number per pixel, so the argmax (the published labels) never
 changes. The :class:`Calibration` record lives in the bundle's ``config.json``; the selector's
@@ -84,8 +85,8 @@ class Calibration:
     """How logits become calibrated probabilities; stored in the model bundle's ``config.json``.
 
     ``method`` is "none", "temperature" (all logits / ``temperature``) or "selective" (logits of
-    pixels the selector flags / ``selective_temperature``, others unchanged; ``temperature`` is
-    not used). Left out, ``method`` follows the temperature: "temperature" when it is not 1,
+    pixels the selector flags / ``selective_temperature``, the others / ``temperature``). Left
+    out, ``method`` follows the temperature: "temperature" when it is not 1,
     "none" otherwise, which is how configs that only had ``temperature`` are read. ``fit`` records
     how the values were fitted (data, pixels, NLL / ECE before and after) and does not affect
     :meth:`apply`.
@@ -125,7 +126,7 @@ class Calibration:
                     "selector=model.selector (the bundle's model must have SegmenterConfig.selector_hidden > 0)"
                 )
             flagged = selector(logits) > 0
-            return torch.where(flagged, logits / self.selective_temperature, logits)
+            return torch.where(flagged, logits / self.selective_temperature, logits / self.temperature)
         return logits
 
     def to_dict(self) -> dict:

@@ -17,6 +17,8 @@ import math
 import numpy as np
 import torch
 
+ECE_BINS = 15  # equal-width confidence bins of every ECE the project reports
+
 
 class _Accumulator:
     """Shared state handling: a list of tensors that live on the device of the latest update.
@@ -269,16 +271,29 @@ class MisclassificationCurves(_Accumulator):
         best = int(np.argmax(f05))
         return float(f05[best]), (best + 1) / self.bins
 
+    def f05_floor(self) -> float:
+        """F0.5 of flagging nothing (every pixel certain): ``1.25 a / (0.25 a + 1)`` at accuracy ``a``.
+
+        :meth:`max_f05` is never below it, so an uncertainty is only useful by what it adds to it;
+        the chance level of :meth:`aupr` is likewise the error rate.
+        """
+        a = 1.0 - self.error_rate()
+        return 1.25 * a / (0.25 * a + 1.0)
+
     def to_dict(self) -> dict[str, float | int]:
-        """Headline numbers: auroc, aupr, fpr95, max_f05, max_f05_threshold, error_rate, pixels."""
+        """Headline numbers: auroc, aupr, aupr_minus_error_rate, fpr95, max_f05, max_f05_minus_floor,
+        max_f05_threshold, error_rate, pixels."""
         f05, threshold = self.max_f05()
+        aupr, error_rate = self.aupr(), self.error_rate()
         return {
             "auroc": self.auroc(),
-            "aupr": self.aupr(),
+            "aupr": aupr,
+            "aupr_minus_error_rate": aupr - error_rate,
             "fpr95": self.fpr_at_tpr(0.95),
             "max_f05": f05,
+            "max_f05_minus_floor": f05 - self.f05_floor(),
             "max_f05_threshold": threshold,
-            "error_rate": self.error_rate(),
+            "error_rate": error_rate,
             "pixels": self.count(),
         }
 
@@ -289,7 +304,7 @@ class CalibrationBins(_Accumulator):
     Bin ``b`` holds confidences in [b/n, (b+1)/n); a confidence of exactly 1 goes to the last bin.
     """
 
-    def __init__(self, n_bins: int = 15, device: torch.device | str = "cpu") -> None:
+    def __init__(self, n_bins: int = ECE_BINS, device: torch.device | str = "cpu") -> None:
         if n_bins <= 0:
             raise ValueError("n_bins must be positive")
         self.n_bins = n_bins

@@ -79,5 +79,10 @@ class UncertainSegmenter(nn.Module):
         Returns logits (B, K, H/14, W/14) and predicted loss (B, 1, H/14, W/14); the uncertainty head
         sees stop-gradient features.
         """
-        features = torch.cat(self.backbone.get_intermediate_layers(images, self.cfg.n_last_blocks, masks), dim=1)
+        features = self.features(images, masks)
         return self.head(features), self.uncertainty_head(features.detach())
+
+    def features(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """What both heads see: the last ``n_last_blocks`` blocks' normalised patch tokens,
+        concatenated, (B, n_last_blocks * D, H/14, W/14)."""
+        return torch.cat(self.backbone.get_intermediate_layers(images, self.cfg.n_last_blocks, masks), dim=1)
