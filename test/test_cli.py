@@ -126,7 +126,9 @@ def test_train_requires_a_source_of_weights(labelled_folder, tmp_path, capsys):
     assert cli_main(base) == 2
     assert "would start from random weights" in capsys.readouterr().err
     assert cli_main([*base, "--from-scratch", "--pretrained", "x.pth"]) == 2
-    assert "--from-scratch contradicts --pretrained" in capsys.readouterr().err
+    assert "--pretrained and --from-scratch contradict each other" in capsys.readouterr().err
+    assert cli_main([*base, "--init-bundle", "camvid_day", "--pretrained", "x.pth"]) == 2
+    assert "--pretrained and --init-bundle contradict each other" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 

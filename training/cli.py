@@ -101,12 +101,14 @@ def _train(args: argparse.Namespace) -> int:
     from .output_folders import prepare_run_folder
     from .train import TrainConfig, train
 
-    if args.from_scratch and (args.pretrained or args.download_pretrained):
-        raise ValueError("--from-scratch contradicts --pretrained / --download-pretrained; give one of them")
-    if not (args.from_scratch or args.pretrained or args.download_pretrained):
+    starts = [flag for flag, given in (("--pretrained", args.pretrained), ("--download-pretrained", args.download_pretrained),
+                                       ("--init-bundle", args.init_bundle), ("--from-scratch", args.from_scratch)) if given]
+    if len(starts) > 1 and "--from-scratch" in starts or {"--init-bundle", "--pretrained"} <= set(starts):
+        raise ValueError(f"{' and '.join(starts)} contradict each other: give one starting point")
+    if not starts:
         raise ValueError(f"--backbone {args.backbone} would start from random weights: give its official weights "
-                         "(--pretrained PATH or --download-pretrained), or --from-scratch to train from random "
-                         "initialisation on purpose")
+                         "(--pretrained PATH or --download-pretrained), a bundle to continue (--init-bundle), or "
+                         "--from-scratch to train from random initialisation on purpose")
     cfg = _dataclass_from_args(TrainConfig, args)
     prepare_run_folder(cfg.out, cfg.resume, args.overwrite)
     path = train(cfg)
