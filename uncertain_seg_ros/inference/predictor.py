@@ -17,7 +17,8 @@ from ..overlay import MARK_COLOR, overlay
 from ..prediction import decode
 from ..preprocessing import fit_pixels, to_input
 from .artifact_cache import ArtifactCache
-from .backend import BACKENDS, PRECISIONS, create_backend
+from .backend import PRECISIONS
+from .factory import BACKENDS, create_backend
 
 OUTPUT_KINDS = ("labels", "labels_color", "uncertainty", "uncertainty_color", "mask", "overlay")
 

@@ -1,0 +1,128 @@
+"""Which backends run here, ``auto`` (the fastest one this machine has), and building one for a bundle.
+
+Every concrete backend is imported here, lazily (its libraries load only when it is built), and
+each of them imports only the interface in :mod:`.backend`, so the dependency runs one way:
+factory -> concrete backends -> interface.
+
+``auto`` prefers, on CUDA: TensorRT, then torch.compile with CUDA graphs, then eager PyTorch; on the
+CPU: eager PyTorch, which ``uncertain-seg benchmark`` measured faster than ONNX Runtime fp32
+(benchmarks/results/inference_cpu.md); a backend whose library is missing is passed over. Precision
+int8 runs on ONNX Runtime only, so ``auto`` with int8 is ONNX Runtime.
+"""
+import importlib.util
+import shutil
+
+import torch
+
+from ..bundle import Bundle
+from .artifact_cache import ArtifactCache
+from .backend import PRECISIONS, Backend, BackendUnavailable
+from .network import DeployedNetwork
+
+BACKENDS = ("torch", "torch_compile", "onnxruntime", "tensorrt")
+# On the CPU, eager PyTorch measured faster than ONNX Runtime in one benchmark run
+# (benchmarks/results/inference_cpu.md: ViT-S/14 at 644x476 1079 vs 1302 ms, the demo 65.0 vs 67.8 ms).
+AUTO_ORDER = {"cuda": ("tensorrt", "torch_compile", "torch"), "cpu": ("torch",)}
+INT8_BACKEND = "onnxruntime"
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def unavailable_reason(name: str, device: str | torch.device) -> str | None:
+    """None if ``name`` can run on ``device`` here, else why not."""
+    dev = torch.device(device)
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; choose one of {BACKENDS}"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
+    if name == "torch":
+        return None
+    if name == "torch_compile":
+        if dev.type == "cpu" and shutil.which("c++") is None and shutil.which("g++") is None:
+            return "torch.compile on the CPU needs a C++ compiler (c++/g++), none is on PATH"
+        return None
+    if name == "onnxruntime":
+        if not (_has("onnxruntime") and _has("onnx") and _has("onnxscript")):
+            return "onnxruntime/onnx/onnxscript are not installed (pip install 'uncertain_seg_ros[onnx]')"
+        if dev.type == "cuda":
+            import onnxruntime as ort
+
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                return "the installed onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
+        return None
+    if name == "tensorrt":
+        if dev.type != "cuda":
+            return "TensorRT runs on NVIDIA GPUs only"
+        if not _has("torch_tensorrt"):
+            return "torch_tensorrt is not installed (pip install 'uncertain_seg_ros[tensorrt]', needs the TensorRT libraries)"
+        try:
+            import torch_tensorrt  # noqa: F401
+        except Exception as e:  # the wheel imports, but TensorRT's shared libraries may be missing
+            return f"torch_tensorrt does not load: {e}"
+        return None
+    raise AssertionError(name)
+
+
+def available_backends(device: str | torch.device) -> dict[str, str | None]:
+    """Every backend with None (it runs here) or the reason it does not."""
+    return {name: unavailable_reason(name, device) for name in BACKENDS}
+
+
+def choose_backend(name: str, device: str | torch.device) -> str:
+    """Resolve ``auto`` to the fastest available backend; check that an explicit one can run."""
+    dev = torch.device(device)
+    if name == "auto":
+        for candidate in AUTO_ORDER["cuda" if dev.type == "cuda" else "cpu"]:
+            if unavailable_reason(candidate, dev) is None:
+                return candidate
+        raise BackendUnavailable(f"no backend can run on {dev}")
+    reason = unavailable_reason(name, dev)
+    if reason is not None:
+        raise BackendUnavailable(f"backend {name!r} cannot run on {dev}: {reason}")
+    return name
+
+
+def create_backend(
+    name: str,
+    bundle: Bundle,
+    device: str | torch.device,
+    precision: str = "fp32",
+    max_batch: int = 1,
+    cache: ArtifactCache | None = None,
+) -> Backend:
+    """The bundle's network behind backend ``name`` (``auto`` allowed), built or loaded from ``cache``.
+
+    ``auto`` with precision int8 means ONNX Runtime, the one backend that runs int8.
+    """
+    dev = torch.device(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+    if dev.type == "cpu" and precision == "fp16":
+        raise ValueError("precision fp16 needs a CUDA device; use fp32, bf16 or int8 on the CPU")
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    if precision == "int8":
+        if name not in ("auto", INT8_BACKEND):
+            raise ValueError(f"precision int8 runs on the {INT8_BACKEND} backend only, not {name!r}")
+        name = INT8_BACKEND
+    name = choose_backend(name, dev)
+    cfg = bundle.config
+    network = DeployedNetwork(bundle.model.to(dev), cfg.input.height, cfg.input.width)
+    cache = cache or ArtifactCache()
+    if name == "torch":
+        from .torch_backend import TorchBackend
+
+        return TorchBackend(network, dev, precision, max_batch, compile=False)
+    if name == "torch_compile":
+        from .torch_backend import TorchBackend
+
+        return TorchBackend(network, dev, precision, max_batch, compile=True)
+    if name == "onnxruntime":
+        from .onnx_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(network, dev, precision, max_batch, cache, bundle.model_checksum)
+    from .tensorrt_backend import TensorRTBackend
+
+    return TensorRTBackend(network, dev, precision, max_batch, cache, bundle.model_checksum)
