@@ -11,6 +11,16 @@ README = Path(__file__).resolve().parent / "README.md"
 # workspace provides them otherwise). The message packages are pinned to Jazzy's 5.3.x.
 ROS_WHEELS = ["ros-jazzy-rclpy[fastrtps]", "ros-sensor-msgs==5.3.6", "ros-std-msgs==5.3.6", "ros-diagnostic-msgs==5.3.6"]
 ONNX = ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.3"]  # onnxscript: the TorchDynamo ONNX exporter
+# The floors installed from folders of their own: training imports the core; benchmarks import all.
+PACKAGE_DIRS = {"uncertain_seg_training": "training", "uncertain_seg_benchmarks": "benchmarks"}
+
+
+def _packages() -> list[str]:
+    """The core's packages, and those of each floor installed from a folder of its own."""
+    packages = find_packages(include=[PACKAGE, f"{PACKAGE}.*"])
+    for name, folder in PACKAGE_DIRS.items():
+        packages += [name, *(f"{name}.{sub}" for sub in find_packages(folder))]
+    return packages
 
 
 def _data_files() -> list[tuple[str, list[str]]]:
@@ -39,10 +49,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"])
-    + ["uncertain_seg_training"]
-    + [f"uncertain_seg_training.{p}" for p in find_packages("training")],
-    package_dir={"uncertain_seg_training": "training"},
+    packages=_packages(),
+    package_dir=PACKAGE_DIRS,
     data_files=_data_files(),
     install_requires=[
         "numpy>=1.23",
@@ -70,6 +78,7 @@ setup(
         ],
         "uncertain_seg_ros.commands": [
             "ros = uncertain_seg_ros.ros.commands:register",
+            "benchmark = uncertain_seg_benchmarks.commands:register",
         ],
     },
     zip_safe=True,

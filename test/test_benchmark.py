@@ -16,16 +16,17 @@ import torch
 from torch import nn
 
 from conftest import REPO, installed_script, tiny_model_config
+from uncertain_seg_benchmarks.inference import BenchmarkConfig, run_benchmark
+from uncertain_seg_benchmarks.inference_report import SCHEMA, markdown, table
+from uncertain_seg_benchmarks.profiling import (
+    STAGES, CameraPayload, OtherLoad, agreement, predictor_stages, summarize, time_pipelines, time_stages)
+from uncertain_seg_benchmarks.roofline import DevicePeak, count_flops, floor_seconds, measure_peak, network_cost
 from uncertain_seg_ros.bundle import load_bundle
 from uncertain_seg_ros.inference import OUTPUT_KINDS, FrameOutputs, Predictor, PredictorOptions
 from uncertain_seg_ros.inference.network import DeployedNetwork
-from uncertain_seg_ros.inference.profiling import (
-    STAGES, CameraPayload, OtherLoad, agreement, predictor_stages, summarize, time_pipelines, time_stages)
-from uncertain_seg_ros.inference.roofline import DevicePeak, count_flops, floor_seconds, measure_peak, network_cost
 from uncertain_seg_ros.model import UncertainSegmenter
-from uncertain_seg_ros.ros.benchmark import BenchmarkConfig, run_benchmark
-from uncertain_seg_ros.ros.benchmark_report import SCHEMA, markdown, table
 from uncertain_seg_training.cli import main as cli_main
+
 
 SAMPLES = REPO / "samples" / "camvid_dusk" / "images"
 
@@ -88,7 +89,7 @@ def test_settle_runs_between_pipelines_outside_the_timers():
 def test_published_stage_messages_are_drained(tiny_bundle, monkeypatch):
     """The ROS stages through real rclpy: every published output message is taken by this process's
     subscribers by the time ``drain`` returns, so none of that work is left for the next stage."""
-    from uncertain_seg_ros.ros.benchmark import RosBench
+    from uncertain_seg_benchmarks.inference import RosBench
     from uncertain_seg_ros.ros.dds_transport import USER_TRANSPORT_VARIABLES
 
     for var in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", *USER_TRANSPORT_VARIABLES):

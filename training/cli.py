@@ -19,8 +19,9 @@ DESCRIPTION = """\
 Train, evaluate and package DINOv2 segmenters with per-pixel uncertainty for the uncertain_seg_ros
 node, and work with bags. Several processes / GPUs: plain torchrun, e.g.
   torchrun --nproc-per-node N -m uncertain_seg_training.cli train ...
-The commands that talk to a ROS 2 graph (bag play, record, demo, benchmark) come from the node
-package, through the 'uncertain_seg_ros.commands' entry-point group, and need rclpy.
+The commands that talk to a ROS 2 graph come through the 'uncertain_seg_ros.commands' entry-point
+group and need rclpy: bag play, record and demo from the node package, benchmark from the
+benchmarks package.
 Errors are one line and exit with code 2; --debug shows the traceback.
 """
 

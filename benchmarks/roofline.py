@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .backend import PRECISIONS
-from .network import DeployedNetwork
+from uncertain_seg_ros.inference.backend import PRECISIONS
+from uncertain_seg_ros.inference.network import DeployedNetwork
 
 
 def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..image_encoding import compressed_to_rgb8, image_to_rgb8
-from .predictor import FrameOutputs, Predictor
+from uncertain_seg_ros.image_encoding import compressed_to_rgb8, image_to_rgb8
+from uncertain_seg_ros.inference.predictor import FrameOutputs, Predictor
 
 STAGES = ("decode", "preprocess", "inference", "postprocess")
 PAYLOAD_ENCODINGS = ("rgb8", "bgr8", "jpeg")

@@ -8,8 +8,9 @@ import json
 import os
 from pathlib import Path
 
-from ..atomic_io import atomic_write_text
-from ..inference.profiling import STAGES
+from uncertain_seg_ros.atomic_io import atomic_write_text
+
+from .profiling import STAGES
 
 SCHEMA = "uncertain_seg_ros.benchmark/1"
 ALL_STAGES = (*STAGES, "convert", "publish")

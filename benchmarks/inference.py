@@ -29,9 +29,9 @@ import cv2
 import numpy as np
 import torch
 
-from ..bundle import BundleConfig, ClassInfo, InputSpec, load_bundle, save_bundle
-from ..image_files import list_images, read_rgb
-from ..inference import (
+from uncertain_seg_ros.bundle import BundleConfig, ClassInfo, InputSpec, load_bundle, save_bundle
+from uncertain_seg_ros.image_files import list_images, read_rgb
+from uncertain_seg_ros.inference import (
     BACKENDS,
     OUTPUT_KINDS,
     BackendUnavailable,
@@ -40,8 +40,12 @@ from ..inference import (
     available_backends,
     default_cache_dir,
 )
-from ..inference.network import DeployedNetwork
-from ..inference.profiling import (
+from uncertain_seg_ros.inference.network import DeployedNetwork
+from uncertain_seg_ros.model import SegmenterConfig, UncertainSegmenter, backbone_config
+from uncertain_seg_ros.resources import resolve_bundle
+from uncertain_seg_ros.ros.dds_transport import large_image_profile, transport_settings, use_transport_profile
+
+from .profiling import (
     CameraPayload,
     OtherLoad,
     agreement,
@@ -50,10 +54,7 @@ from ..inference.profiling import (
     summarize,
     time_pipelines,
 )
-from ..inference.roofline import floor_seconds, measure_peak, network_cost
-from ..model import SegmenterConfig, UncertainSegmenter, backbone_config
-from ..resources import resolve_bundle
-from .dds_transport import large_image_profile, transport_settings, use_transport_profile
+from .roofline import floor_seconds, measure_peak, network_cost
 
 log = logging.getLogger(__name__)
 ROS_STAGES = ("convert", "publish")
@@ -156,7 +157,7 @@ class RosBench:
         import rclpy
         from rclpy.executors import MultiThreadedExecutor
 
-        from .demo import isolate_graph
+        from uncertain_seg_ros.ros.demo import isolate_graph
 
         self.domain = isolate_graph(domain_id)
         self.context = rclpy.Context()
@@ -191,9 +192,9 @@ class RosBench:
         from std_msgs.msg import Header
         from sensor_msgs.msg import Image
 
-        from .camera_stream import OUTPUT_ENCODINGS
-        from .conversions import array_to_message
-        from .qos import qos_profile
+        from uncertain_seg_ros.ros.camera_stream import OUTPUT_ENCODINGS
+        from uncertain_seg_ros.ros.conversions import array_to_message
+        from uncertain_seg_ros.ros.qos import qos_profile
 
         encodings = {**OUTPUT_ENCODINGS, "labels": labels_encoding}
         for kind in set(kinds) - set(self._sinks):
@@ -242,7 +243,7 @@ class RosBench:
         """perception_node in its own process on ``cameras`` topics: latency at a paced rate, then throughput."""
         import rclpy
 
-        from .demo import ServingMonitor, start_node, stop_node
+        from uncertain_seg_ros.ros.demo import ServingMonitor, start_node, stop_node
         from .graph_latency import GraphProbe, payload_message
 
         self._runs += 1

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from rclpy.node import Node
 from sensor_msgs.msg import CompressedImage, Image
 
-from ..inference.profiling import CameraPayload
-from .camera_stream import output_namespace
-from .qos import qos_profile
+from uncertain_seg_ros.ros.camera_stream import output_namespace
+from uncertain_seg_ros.ros.qos import qos_profile
+
+from .profiling import CameraPayload
 
 
 def payload_message(payload: CameraPayload, frame_id: str = "camera") -> Image | CompressedImage:
