@@ -1,9 +1,15 @@
-"""Packaging and architecture rules: package.xml / setup.py agree, files exist, imports flow one way."""
+"""Packaging and architecture rules: package.xml / setup.py agree, files exist, imports flow one way.
+
+The floors, each importing only those below it: core (``uncertain_seg_ros`` minus ``ros/``, no ROS)
+<- node (``uncertain_seg_ros.ros``) and training (``uncertain_seg_training``) <- benchmarks
+(``uncertain_seg_benchmarks``). Imports are read from the source (every ``import``, relative ones
+resolved, those inside functions too), so a lazy import cannot slip past."""
 import ast
 import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -24,14 +30,57 @@ def _setup_namespace() -> dict:
     return namespace
 
 
-def _imports(path: Path) -> set[str]:
+def _project_modules() -> dict[str, Path]:
+    """Dotted name -> source file of every module the project installs (setup.py's package folders)."""
+    folders = {"uncertain_seg_ros": "uncertain_seg_ros", **_setup_namespace()["PACKAGE_DIRS"]}
+    modules = {}
+    for package, folder in folders.items():
+        for path in sorted((REPO / folder).rglob("*.py")):
+            parts = [package, *path.relative_to(REPO / folder).with_suffix("").parts]
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+MODULES = _project_modules()
+
+
+def _imports(path: Path, package: Sequence[str] = ()) -> set[str]:
+    """Every module the file imports, as absolute names, relative imports resolved against ``package``:
+    ``from pkg import name`` is ``pkg.name`` where that is a project module, else ``pkg``."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([*package[:len(package) - node.level + 1], *([node.module] if node.module else [])])
+            names.update(f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names)
     return names
+
+
+def _resolved_imports(module: str) -> set[str]:
+    """What a project module imports (see :func:`_imports`)."""
+    path = MODULES[module]
+    return _imports(path, module.split(".") if path.name == "__init__.py" else module.split(".")[:-1])
+
+
+def _floor(module: str) -> str | None:
+    """Which floor a module belongs to; None outside the project."""
+    if module == "uncertain_seg_ros.ros" or module.startswith("uncertain_seg_ros.ros."):
+        return "node"
+    for floor, package in (("core", "uncertain_seg_ros"), ("training", "uncertain_seg_training"),
+                           ("benchmarks", "uncertain_seg_benchmarks")):
+        if module == package or module.startswith(package + "."):
+            return floor
+    return None
+
+
+# What each floor may import. The node and training stand side by side on the core; neither imports
+# the other (the CLI reaches the node's and the benchmarks' commands through an entry point).
+ALLOWED = {"core": {"core"}, "node": {"core", "node"}, "training": {"core", "training"},
+           "benchmarks": {"core", "node", "training", "benchmarks"}}
+NO_ROS = ("core", "training")
 
 
 def test_package_xml_is_format3_ament_python_with_runtime_dependencies():
@@ -50,10 +99,10 @@ REQUIREMENT_OF_MODULE = {"cv2": "opencv-python-headless", "yaml": "pyyaml", "ten
 
 
 def _code_imports() -> set[str]:
-    """Top-level modules the package's code imports (node, core, training, launch file), stdlib and own excluded."""
-    files = [*(REPO / "uncertain_seg_ros").rglob("*.py"), *(REPO / "training").rglob("*.py"), *(REPO / "launch").glob("*.py")]
-    tops = {name.split(".")[0] for path in files for name in _imports(path)}
-    return {t for t in tops if t not in sys.stdlib_module_names and t not in ("uncertain_seg_ros", "uncertain_seg_training")}
+    """Top-level modules the installed code (every floor) and the launch file import, stdlib and own excluded."""
+    names = {n for m in MODULES for n in _resolved_imports(m)} | {n for p in (REPO / "launch").glob("*.py") for n in _imports(p)}
+    tops = {name.split(".")[0] for name in names}
+    return {t for t in tops if t not in sys.stdlib_module_names and _floor(t) is None}
 
 
 def _setup_requirements() -> set[str]:
@@ -112,16 +161,55 @@ def test_console_script_is_installed():
     assert scripts.get("uncertain-seg") == "uncertain_seg_training.cli:main"
 
 
-@pytest.mark.parametrize("path", sorted(p for p in (REPO / "uncertain_seg_ros").rglob("*.py") if "ros" not in p.relative_to(REPO / "uncertain_seg_ros").parts[:-1]), ids=lambda p: str(p.relative_to(REPO)))
-def test_core_imports_no_ros_and_no_training(path):
-    """The core is usable without ROS and never reaches up into training or the node."""
-    for name in _imports(path):
-        assert name.split(".")[0] not in ROS_MODULES, f"{path.name} imports {name}"
-        assert not name.startswith(("uncertain_seg_training", "uncertain_seg_ros.ros")), f"{path.name} imports {name}"
+def test_every_floor_is_installed():
+    """setup.py installs each floor from its folder: the import rules below cover what users get."""
+    packages = _setup_namespace()["_packages"]()
+    assert {"uncertain_seg_ros", "uncertain_seg_ros.ros", "uncertain_seg_training", "uncertain_seg_benchmarks"} <= set(packages)
+    assert {_floor(m) for m in MODULES} == set(ALLOWED)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "training").rglob("*.py")), ids=lambda p: str(p.relative_to(REPO)))
-def test_training_never_imports_the_node(path):
-    for name in _imports(path):
-        assert not name.startswith("uncertain_seg_ros.ros"), f"{path.name} imports {name}"
-        assert name.split(".")[0] not in ROS_MODULES, f"{path.name} imports {name}"
+@pytest.mark.parametrize("module", sorted(MODULES), ids=lambda m: str(MODULES[m].relative_to(REPO)))
+def test_imports_run_down_the_floors(module):
+    """Core imports only core (and no ROS); node and training only themselves and the core (training
+    no ROS); benchmarks anything."""
+    floor = _floor(module)
+    for name in _resolved_imports(module):
+        target = _floor(name)
+        if target is None:
+            assert not (floor in NO_ROS and name.split(".")[0] in ROS_MODULES), f"{module} ({floor}) imports {name}"
+        else:
+            assert target in ALLOWED[floor], f"{module} ({floor}) imports {name} ({target})"
+
+
+def test_no_import_cycle():
+    """No module reaches itself through the project's imports (e.g. a backend base that imports the
+    backends built on it). A package's ``__init__`` counts as a module of its own."""
+    graph = {m: sorted(n for n in _resolved_imports(m) if n in MODULES and n != m) for m in MODULES}
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = "open"
+        path.append(module)
+        for target in graph[module]:
+            if state.get(target) == "open":
+                pytest.fail("import cycle: " + " -> ".join(path[path.index(target):] + [target]))
+            if target not in state:
+                visit(target)
+        path.pop()
+        state[module] = "done"
+
+    for module in graph:
+        if module not in state:
+            visit(module)
+
+
+def test_inference_backends_import_the_interface_not_the_factory():
+    """One way through inference/: the factory builds the concrete backends, which see only the interface."""
+    backends = [m for m in MODULES if m.startswith("uncertain_seg_ros.inference.") and m.endswith("_backend")]
+    assert len(backends) >= 3
+    for module in backends:
+        imports = _resolved_imports(module)
+        assert "uncertain_seg_ros.inference.backend" in imports, module
+        assert not imports & {"uncertain_seg_ros.inference.factory", "uncertain_seg_ros.inference"}, module
+    assert not any(n.endswith("_backend") for n in _resolved_imports("uncertain_seg_ros.inference.backend"))
