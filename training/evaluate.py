@@ -15,7 +15,7 @@ from uncertain_seg_ros.bundle import BundleConfig, load_bundle
 from uncertain_seg_ros.calibration import Calibration
 from uncertain_seg_ros.metrics import CalibrationBins, ConfusionMatrix, MisclassificationCurves
 from uncertain_seg_ros.model import UncertainSegmenter
-from uncertain_seg_ros.prediction import decode, upsample
+from uncertain_seg_ros.prediction import decode
 from uncertain_seg_ros.resources import resolve_bundle
 from uncertain_seg_ros.preprocessing import to_input
 from uncertain_seg_ros.uncertainty import UNCERTAINTY_SOURCES, uncertainty
@@ -107,8 +107,8 @@ def run_evaluation(
             curves.update(uncertainty(source, pred.probs, pred.predicted_loss)[0], error, valid)
         if "calibrated" in ev.calibration:
             ev.calibration["calibrated"].update(pred.confidence[0], ~error, valid)
-            raw_confidence = upsample(logits.float(), label.shape).softmax(dim=1).amax(dim=1)
-            ev.calibration["uncalibrated"].update(raw_confidence[0], ~error, valid)
+            raw = decode(logits, loss, label.shape, Calibration(), config.uncertainty_source, config.mask_threshold)
+            ev.calibration["uncalibrated"].update(raw.confidence[0], ~error, valid)
         else:
             ev.calibration["uncalibrated"].update(pred.confidence[0], ~error, valid)
         mask = pred.mask[0] & valid
