@@ -104,7 +104,9 @@ def run_evaluation(
         error = (labels != target) & valid
         ev.confusion.update(labels[valid], target[valid])
         for source, curves in ev.curves.items():
-            curves.update(uncertainty(source, pred.probs, pred.predicted_loss)[0], error, valid)
+            # the published source as decode published it; the others from the same calibrated probabilities
+            u = pred.uncertainty if source == config.uncertainty_source else uncertainty(source, pred.probs, pred.predicted_loss)
+            curves.update(u[0], error, valid)
         if "calibrated" in ev.calibration:
             ev.calibration["calibrated"].update(pred.confidence[0], ~error, valid)
             raw = decode(logits, loss, label.shape, Calibration(), config.uncertainty_source, config.mask_threshold)
