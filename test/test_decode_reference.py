@@ -11,6 +11,10 @@ only here. The one intended change is where the selector runs (``selector_flags`
   the uncertainty on both sides of the threshold. Those pixels sit on the selector's decision
   boundary; the bar for them is the label-agreement bar of the issue, 99.5% of each frame's pixels.
 """
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -75,3 +79,17 @@ def test_decode_matches_per_pixel_selector_reference(split):
         mask_moved = new.mask != reference.mask
         assert not (mask_moved & ~((new_flags != pixel_flags) & straddles)).any()
         assert (~mask_moved).float().mean().item() >= AGREEMENT, f"frame {i}"
+
+
+def test_decode_resolution_benchmark_runs_on_the_shipped_samples(tmp_path):
+    """The script behind benchmarks/results/decode_resolution.md, on the 5 shipped dusk frames: the shipped
+    grid's labels and masks agree with the per-pixel selector's to the bar, and it writes JSON and Markdown."""
+    out = tmp_path / "decode.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "decode_resolution.py"), "--camvid", str(REPO / "samples"),
+                    "--splits", "camvid_dusk", "--scales", "4", "--timing-frames", "1", "--timing-rounds", "1",
+                    "--json", str(out), "--markdown", str(tmp_path / "decode.md")], check=True, timeout=600)
+    rows = json.loads(out.read_text())["splits"]["camvid_dusk"]["variants"]
+    assert set(rows) == {"every pixel", "4x grid", "grid maps"}
+    assert rows["every pixel"]["mask_equal"] == 1.0
+    assert rows["4x grid"]["labels_equal_worst_frame"] >= AGREEMENT and rows["4x grid"]["mask_equal_worst_frame"] >= AGREEMENT
+    assert "| 4x grid |" in (tmp_path / "decode.md").read_text()

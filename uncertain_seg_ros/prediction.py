@@ -3,14 +3,15 @@
 One function serves the node, the evaluator and the demo, so that what is measured is what is
 published. It runs on whatever device the tensors are on.
 
-Every output is computed where its information lives. Labels, confidence and uncertainty are
-per-pixel functions of the bilinearly upsampled logits and change sharply along class boundaries
-(where two classes' logits cross, the confidence dips), so they are computed per pixel of the
-output: computing them on the network's grid and upsampling the maps instead lowered the AUROC
-of the max-softmax uncertainty by 0.017-0.023 and the AUPR by 0.037-0.044 on CamVid day/test.
-The selective scaler's selector is the expensive part (an MLP per pixel, 36 ms of a 480x360
-frame on 2 CPU threads) and only switches a pixel's temperature: it runs on a grid of
-``SELECTOR_GRID_SCALE`` times the network's resolution and its output is upsampled, 1.9 ms.
+Every output is computed where its information lives. Labels, calibrated probabilities,
+uncertainty and mask are per-pixel functions of the bilinearly upsampled logits and change sharply
+along class boundaries (where two classes' logits cross, the confidence dips), so they are computed
+per pixel of the output. The selective scaler's selector (an MLP per pixel) only switches a pixel's
+temperature, so it runs on ``SELECTOR_GRID_SCALE`` times the network's grid and its score is
+upsampled. ``benchmarks/decode_resolution.py`` measures both choices on CamVid
+(``benchmarks/results/decode_resolution.md``): computing the probabilities on the network's grid
+and upsampling the maps instead lowers the demo bundle's AUROC by 0.017 and AUPR by 0.037 on
+day/test; the selector on every pixel makes a 480x360 decode about four times slower.
 """
 from dataclasses import dataclass
 
@@ -20,9 +21,9 @@ import torch.nn.functional as F
 from .calibration import Calibration
 from .uncertainty import UNCERTAINTY_SOURCES, uncertainty
 
-# Selector samples per patch side. On CamVid day/test and dusk/test (demo bundle, against the
-# selector on every pixel): masks agree on 99.0% of pixels at 1, 99.5% at 2, 99.85% at 4 and
-# 99.96% at 8 (9 ms); every AUROC, AUPR and ECE within 3e-4 at 4, labels identical at any scale.
+# Selector samples per patch side. Against the selector on every pixel (CamVid day/test and
+# dusk/test, demo bundle): masks equal on 99.0% of pixels at 1, 99.5% at 2, 99.85% at 4 and 99.96%
+# at 8, labels on all; AUROC, AUPR and ECE within 2e-4 at 4, for 6 ms of decode instead of 22.
 SELECTOR_GRID_SCALE = 4
 
 
