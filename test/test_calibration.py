@@ -13,7 +13,7 @@ from uncertain_seg_ros.bundle import CHECKSUMS_FILE, CONFIG_FILE, WEIGHTS_FILE, 
 from uncertain_seg_ros.calibration import Calibration, SelectiveScaler
 from uncertain_seg_ros.metrics import CalibrationBins, MisclassificationCurves
 from uncertain_seg_ros.model import SegmenterConfig, UncertainSegmenter
-from uncertain_seg_ros.prediction import decode
+from uncertain_seg_ros.prediction import SELECTOR_GRID_SCALE, decode, selector_flags
 from uncertain_seg_training.calibrate import calibrate
 from uncertain_seg_training.calibration_fit import (
     fit_mask_threshold,
@@ -165,16 +165,27 @@ def test_selector_round_trip_through_bundle(tmp_path):
 # --------------------------------------------------------------------------- decode
 
 
-def test_decode_selective_flattens_flagged_pixels_only():
-    """Flagged pixels lose confidence, unflagged ones equal T = 1, and no calibration changes the labels."""
+@pytest.mark.parametrize("size", [(12, 16), (60, 88)], ids=["per_pixel", "beyond_selector_grid"])
+def test_decode_selective_flattens_flagged_pixels_only(size):
+    """Flagged pixels lose confidence, unflagged ones equal T = 1, and no calibration changes the labels.
+
+    Up to ``SELECTOR_GRID_SCALE`` times the network's grid the selector scores every output pixel;
+    beyond, it scores that grid and its scores are upsampled before the sign test.
+    """
     torch.manual_seed(0)
-    k, size = 4, (12, 16)
-    logits, loss = torch.randn(2, k, 6, 8) * 4, torch.rand(2, 1, 6, 8)
+    k, grid = 4, (6, 8)
+    logits, loss = torch.randn(2, k, *grid) * 4, torch.rand(2, 1, *grid)
     selector = SelectiveScaler(k, 8).eval()
     up = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    scored = tuple(min(s, g * SELECTOR_GRID_SCALE) for s, g in zip(size, grid))
     with torch.no_grad():
         selector.mlp[-1].bias -= selector(up).median()
-        flagged = selector.flags(up)
+        flagged = selector_flags(selector, logits, size)
+        scores = F.interpolate(selector(F.interpolate(logits, size=scored, mode="bilinear", align_corners=False)),
+                               size=size, mode="bilinear", align_corners=False)
+    assert torch.equal(flagged, scores[:, 0] > 0)
+    if scored == size:
+        assert torch.equal(flagged, selector(up)[:, 0] > 0)
     assert flagged.float().mean().item() == pytest.approx(0.5, abs=0.1)
     raw = decode(logits, loss, size, Calibration(), "max_softmax", 0.5)
     sel = decode(logits, loss, size, Calibration(method="selective", selective_temperature=20.0), "max_softmax", 0.5,
@@ -312,6 +323,6 @@ def test_selective_scaling_sits_on_temperature_scaling():
     torch.manual_seed(1)
     logits = torch.randn(1, 3, 4, 5) * 3
     selector = SelectiveScaler(3, 4).eval()
-    flagged = selector.flags(logits)[:, None]
-    out = Calibration(method="selective", temperature=2.0, selective_temperature=9.0).apply(logits, selector)
-    torch.testing.assert_close(out, torch.where(flagged, logits / 9.0, logits / 2.0), rtol=0, atol=0)
+    flagged = selector.flags(logits)
+    out = Calibration(method="selective", temperature=2.0, selective_temperature=9.0).apply(logits, flagged)
+    torch.testing.assert_close(out, torch.where(flagged[:, None], logits / 9.0, logits / 2.0), rtol=0, atol=0)

@@ -4,11 +4,14 @@ import pytest
 import torch
 
 from uncertain_seg_ros.bundle import load_bundle, save_bundle
+from uncertain_seg_ros.colormap import colorize_scalar
+from uncertain_seg_ros.image_files import list_images, read_rgb
 from uncertain_seg_ros.inference import OUTPUT_KINDS, Predictor, PredictorOptions
 from uncertain_seg_ros.model import UncertainSegmenter
 from uncertain_seg_ros.overlay import overlay
+from uncertain_seg_ros.prediction import decode
 
-from conftest import core_prediction, tiny_bundle_config
+from conftest import REPO, core_prediction, tiny_bundle_config
 
 
 @pytest.fixture
@@ -31,6 +34,34 @@ def test_outputs_equal_plain_computation_with_mixed_sizes(bundle):
         assert out.labels_color.shape == image.shape and out.uncertainty_color.dtype == np.uint8
         assert np.array_equal(out.labels_color, bundle.config.palette[out.labels])
         assert out.uncertain_fraction == pytest.approx(ref.mask.float().mean().item())
+
+
+def test_shipped_selective_bundle_outputs_keep_their_meaning():
+    """The demo bundle (selective scaling) on a shipped 480x360 frame: every output at the camera's size, with
+    its dtype and meaning, equal to decode of the backend's outputs; uint8 labels, uncertainty in [0, 1],
+    mask = u > threshold."""
+    bundle = load_bundle(REPO / "models" / "camvid_demo")
+    cfg = bundle.config
+    image = read_rgb(list_images(REPO / "samples" / "camvid_dusk" / "images")[0])
+    h, w = image.shape[:2]
+    predictor = Predictor(bundle)
+    prepared = predictor.prepare([image])
+    network_out = predictor.infer(prepared)
+    out = predictor.finish(prepared, network_out, [set(OUTPUT_KINDS)])[0]
+    ref = decode(*network_out[(h, w)], (h, w), cfg.calibration, cfg.uncertainty_source, cfg.mask_threshold,
+                 selector=bundle.model.selector)
+    assert out.labels.shape == (h, w) and out.labels.dtype == np.uint8
+    assert np.array_equal(out.labels, ref.labels[0].numpy())
+    assert out.uncertainty.shape == (h, w) and out.uncertainty.dtype == np.float32
+    assert np.array_equal(out.uncertainty, ref.uncertainty[0].numpy())
+    assert 0.0 <= out.uncertainty.min() and out.uncertainty.max() <= 1.0
+    assert out.mask.dtype == np.uint8 and set(np.unique(out.mask)) <= {0, 255}
+    assert np.array_equal(out.mask == 255, out.uncertainty > bundle.config.mask_threshold)
+    assert out.uncertain_fraction == pytest.approx(float((out.mask == 255).mean()))
+    assert np.array_equal(out.labels_color, bundle.config.palette[out.labels])
+    assert np.array_equal(out.uncertainty_color, colorize_scalar(out.uncertainty))
+    expected = overlay(torch.from_numpy(image), torch.from_numpy(out.labels_color), torch.from_numpy(out.mask == 255))
+    assert out.overlay.shape == image.shape and np.array_equal(out.overlay, expected.numpy())
 
 
 def test_only_requested_outputs_are_computed(bundle):

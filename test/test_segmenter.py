@@ -193,3 +193,11 @@ def test_decode_rejects_unknown_source():
     logits, loss = _net_outputs()
     with pytest.raises(ValueError, match="unknown uncertainty source"):
         decode(logits, loss, (3, 5), Calibration(), "nope", 0.5)
+
+
+def test_node_and_evaluator_share_one_decode():
+    """What is evaluated is what is published: the Predictor (the node's core) and the evaluator call this decode."""
+    import uncertain_seg_ros.inference.predictor as predictor_module
+    import uncertain_seg_training.evaluate as evaluate_module
+
+    assert predictor_module.decode is decode and evaluate_module.decode is decode

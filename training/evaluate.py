@@ -142,13 +142,15 @@ def run_evaluation(
         pred = decode(logits, loss, label.shape, config.calibration, config.uncertainty_source, config.mask_threshold, selector=model.selector)
         labels = pred.labels[0]
         error = (labels != target) & valid
-        scores = {s: uncertainty(s, pred.probs, pred.predicted_loss)[0] for s in UNCERTAINTY_SOURCES}
-        raw = upsample(logits.float(), label.shape) if calibrated or variants else None
-        confidences = {"uncalibrated": raw.softmax(dim=1).amax(dim=1)[0] if calibrated else pred.confidence[0]}
+        # the published source as decode published it; the others from the same calibrated probabilities
+        scores = {s: (pred.uncertainty if s == config.uncertainty_source else uncertainty(s, pred.probs, pred.predicted_loss))[0]
+                  for s in UNCERTAINTY_SOURCES}
+        confidences = {"uncalibrated": _decoded(logits, loss, label.shape, Calibration(), None).confidence[0]
+                       if calibrated else pred.confidence[0]}
         if calibrated:
             confidences["calibrated"] = pred.confidence[0]
         for name, (calibration, selector) in variants.items():
-            probs = calibration.apply(raw, selector).softmax(dim=1)
+            probs = _decoded(logits, loss, label.shape, calibration, selector).probs
             confidences[name] = probs.amax(dim=1)[0]
             scores.update({f"{name}/{s}": uncertainty(s, probs)[0] for s in CONFIDENCE_SOURCES})
         for name, head in heads.items():
@@ -166,6 +168,12 @@ def run_evaluation(
     _reduce(ev)
     model.train(was_training)
     return ev
+
+
+def _decoded(logits: torch.Tensor, loss: torch.Tensor, size: tuple[int, int], calibration: Calibration,
+             selector: torch.nn.Module | None):
+    """Another calibration of the same network outputs, decoded as the node would decode it."""
+    return decode(logits, loss, size, calibration, "max_softmax", 1.0, selector=selector)
 
 
 def _reduce(ev: Evaluation) -> None:

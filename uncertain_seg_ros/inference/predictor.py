@@ -102,6 +102,8 @@ class Predictor:
         self.std = torch.tensor(cfg.input.std, dtype=torch.float32, device=self.device)
         self.mark_color = torch.tensor(MARK_COLOR, dtype=torch.float32, device=self.device)
         self.label_dtype = np.uint8 if cfg.model.num_classes <= 256 else np.uint16
+        # narrowed on the device, so that a uint8 label map is downloaded and published without another copy
+        self._label_device_dtype = torch.uint8 if self.label_dtype == np.uint8 else torch.int32
 
     @property
     def model_id(self) -> str:
@@ -170,14 +172,14 @@ class Predictor:
         cfg = self.bundle.config
         pred = decode(logits, loss, size, cfg.calibration, cfg.uncertainty_source, self.threshold, selector=self.model.selector)
         labels, unc, mask = pred.labels[0], pred.uncertainty[0], pred.mask[0]
-        out = FrameOutputs(uncertain_fraction=float(mask.float().mean()), nonfinite_pixels=int(pred.nonfinite[0]))
+        out = FrameOutputs(uncertain_fraction=int(mask.count_nonzero()) / mask.numel(), nonfinite_pixels=int(pred.nonfinite[0]))
         labels_rgb = colorize_labels(labels, self.palette) if {"labels_color", "overlay"} & wanted else None
         host = {
-            "labels": lambda: labels.to(torch.int32).cpu().numpy().astype(self.label_dtype),
+            "labels": lambda: labels.to(self._label_device_dtype).cpu().numpy().astype(self.label_dtype, copy=False),
             "labels_color": lambda: labels_rgb.cpu().numpy(),
             "uncertainty": lambda: unc.float().cpu().numpy(),
             "uncertainty_color": lambda: colorize_scalar(unc, self.options.colormap).cpu().numpy(),
-            "mask": lambda: (mask.to(torch.uint8) * 255).cpu().numpy(),
+            "mask": lambda: mask.to(torch.uint8).mul_(255).cpu().numpy(),
             "overlay": lambda: overlay(image, labels_rgb, mask, self.options.overlay_alpha, self.mark_color).cpu().numpy(),
         }
         for kind in wanted:

@@ -48,7 +48,7 @@ class UncertainSegmenter(nn.Module):
     With ``cfg.selector_hidden > 0`` the model also carries ``selector``, the misprediction selector
     of selective scaling (see :mod:`uncertain_seg_ros.calibration`), so that its weights travel in
     the bundle's ``model.safetensors``; otherwise ``selector`` is None. It is not part of
-    :meth:`forward`: ``decode`` applies it to the upsampled logits. It is fitted by
+    :meth:`forward`: ``decode`` applies it (``prediction.selector_flags``). It is fitted by
     ``uncertain-seg calibrate``, not by the training losses, so its parameters are frozen
     (``requires_grad=False``), which keeps optimisers and DistributedDataParallel away from them.
     """
