@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -145,6 +146,23 @@ def test_train_refuses_to_overwrite_a_previous_run(labelled_folder, tmp_path, ca
     assert not (out / "bundle").exists(), "the previous run's bundle is removed, not left beside the new checkpoint"
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 1
     assert cli_main([*args, "--seed", "1", "--steps", "2", "--resume"]) == 0 and (out / "bundle").is_dir()
+
+
+def test_overwrite_removes_the_checkpoints_a_killed_save_left(labelled_folder, tmp_path, capsys):
+    """A complete checkpoint left in ``.checkpoint.*.tmp`` by a kill is part of the previous run: a new run
+    is refused over it, and ``--overwrite`` removes it, so that a later ``--resume`` cannot continue the old run."""
+    out = tmp_path / "r"
+    args = ["train", "--data", str(labelled_folder), "--out", str(out), "--from-scratch", *TRAIN]
+    assert cli_main(args) == 0
+    shutil.rmtree(out / "bundle")
+    (out / "train_log.jsonl").unlink()
+    leftover = out / ".checkpoint.4242.tmp"
+    (out / "checkpoint").rename(leftover)
+    capsys.readouterr()
+    assert cli_main(args) == 2
+    assert ".checkpoint.4242.tmp" in capsys.readouterr().err
+    assert cli_main([*args, "--overwrite"]) == 0
+    assert not leftover.exists()
 
 
 def test_calibrate_refuses_an_existing_out(tiny_bundle, labelled_folder, tmp_path, capsys):

@@ -3,11 +3,15 @@
 ``bag write`` always refused an existing ``--out``; ``train``/``adapt`` without ``--resume`` and
 ``calibrate`` silently replaced theirs. A training run's folder is reused only to continue it
 (``--resume``); ``--overwrite`` starts a new run there after removing the previous run's artefacts,
-so that a later ``--resume`` can never pick up the old run's checkpoint or cached target frames.
+so that a later ``--resume`` can never pick up the old run's checkpoint or cached target frames;
+that includes the complete checkpoints a killed save leaves beside ``checkpoint/``, from which
+``--resume`` would otherwise continue the old run.
 """
 import os
 import shutil
 from pathlib import Path
+
+from uncertain_seg_ros.atomic_io import leftovers
 
 RUN_ARTEFACTS = ("checkpoint", "train_log.jsonl", "bundle", "target_frames")
 
@@ -21,15 +25,15 @@ def prepare_run_folder(out: str | os.PathLike, resume: bool, overwrite: bool) ->
     out = Path(out)
     if resume:
         return
-    found = [name for name in RUN_ARTEFACTS if (out / name).exists()]
+    found = [out / name for name in RUN_ARTEFACTS if (out / name).exists()]
+    found += [p for name in RUN_ARTEFACTS for p in leftovers(out / name)]
     if not found:
         return
     if not overwrite:
-        raise FileExistsError(f"--out {out} holds a previous run ({', '.join(found)}): continue it with --resume, "
-                              "start a new one there with --overwrite, or choose another --out")
+        raise FileExistsError(f"--out {out} holds a previous run ({', '.join(p.name for p in found)}): continue it with "
+                              "--resume, start a new one there with --overwrite, or choose another --out")
     if os.environ.get("RANK", "0") == "0":
-        for name in found:
-            path = out / name
+        for path in found:
             if path.is_dir():
                 shutil.rmtree(path)
             else:
