@@ -26,7 +26,7 @@ from .qos import qos_profile
 MONTAGE_COLUMNS = ("input", "overlay", "labels_color", "uncertainty_color", "mask")
 FOLDER_NOTES = {
     "input": "the camera image as received (RGB)",
-    "overlay": "the image blended with the labels' colours, likely-wrong pixels in magenta",
+    "overlay": "the image blended with the labels' colours, likely-wrong regions outlined and hatched in magenta",
     "labels_color": "the labels in the bundle's palette",
     "uncertainty_color": "the uncertainty through the node's colour map (bright = likely wrong)",
     "mask": "misclassification mask: white where the uncertainty is above the bundle's threshold",
