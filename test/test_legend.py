@@ -104,3 +104,12 @@ def test_markdown_line_names_classes_and_colour_map():
     line = Legend(NAMES[:2], PALETTE[:2], "turbo", 0.5).markdown()
     assert "0 sky `#808080`" in line and "1 building `#800000`" in line and "`turbo`" in line and "0.500" in line
 
+
+
+def test_readme_legend_matches_the_shipped_palette():
+    """docs/legend.png (made by ``python -m uncertain_seg_ros.legend``) still shows the shipped classes' colours."""
+    image = cv2.cvtColor(cv2.imread(str(REPO / "docs" / "legend.png")), cv2.COLOR_BGR2RGB)
+    config = read_config(REPO / "models" / "camvid_demo")
+    items = class_items(config.class_names, config.palette)
+    for (y, x), colour in zip(_centres([text for text, _ in items], image.shape[1]), config.palette):
+        assert image[y, x].tolist() == colour.tolist()
