@@ -2,6 +2,8 @@
 import torch
 
 MARK_COLOR = (255, 0, 255)
+MARKING = "masked pixels half-blended with the mark colour"
+"""How :func:`overlay` marks the mask, in words (the node's class_info says it)."""
 
 
 def overlay(
