@@ -13,6 +13,9 @@ HATCH_PERIOD = 6
 """Masked pixels with ``(row + column) % HATCH_PERIOD == 0`` are hatched: 1-pixel "/" diagonals."""
 OUTLINE_WIDTH = 1
 """Pixels of the region's border, inside the region, that form its outline."""
+MARKING = (f"masked regions outlined ({OUTLINE_WIDTH} px, inside the region) and hatched (every {HATCH_PERIOD}th "
+           f"'/' diagonal, 1 px) in the mark colour; their other pixels keep the class blend")
+"""How :func:`overlay` marks the mask with its defaults, in words (the node's class_info says it)."""
 
 
 @functools.lru_cache(maxsize=8)

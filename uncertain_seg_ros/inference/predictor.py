@@ -6,7 +6,7 @@ resolution and compute only the outputs somebody asked for; only those are downl
 stages are public (:meth:`Predictor.prepare`, :meth:`Predictor.infer`, :meth:`Predictor.finish`) so
 that the benchmark can time each; :meth:`Predictor.run` chains them.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -66,6 +66,8 @@ class FrameOutputs:
     uncertainty_color: np.ndarray | None = None
     mask: np.ndarray | None = None
     overlay: np.ndarray | None = None
+    size: tuple[int, int] = (0, 0)
+    """(height, width) of the outputs: the camera's, or smaller above ``max_output_pixels``."""
     uncertain_fraction: float = 0.0
     nonfinite_pixels: int = 0
     """Pixels whose network outputs were not finite; they are published as uncertain (mask on)."""
@@ -108,6 +110,13 @@ class Predictor:
     @property
     def model_id(self) -> str:
         return self.bundle.model_id
+
+    def configure(self, mask_threshold: float | None, colormap: str, overlay_alpha: float) -> None:
+        """Change how outputs are drawn from the next frame on (the node's live parameters); validated
+        like :class:`PredictorOptions`. ``mask_threshold`` None: the bundle's calibrated threshold."""
+        self.options = replace(self.options, mask_threshold=mask_threshold, colormap=colormap, overlay_alpha=overlay_alpha)
+        cfg = self.bundle.config
+        self.threshold = cfg.mask_threshold if mask_threshold is None else mask_threshold
 
     @torch.inference_mode()
     def prepare(self, images: list[np.ndarray]) -> Prepared:
@@ -172,7 +181,8 @@ class Predictor:
         cfg = self.bundle.config
         pred = decode(logits, loss, size, cfg.calibration, cfg.uncertainty_source, self.threshold, selector=self.model.selector)
         labels, unc, mask = pred.labels[0], pred.uncertainty[0], pred.mask[0]
-        out = FrameOutputs(uncertain_fraction=int(mask.count_nonzero()) / mask.numel(), nonfinite_pixels=int(pred.nonfinite[0]))
+        out = FrameOutputs(size=tuple(image.shape[:2]), uncertain_fraction=int(mask.count_nonzero()) / mask.numel(),
+                           nonfinite_pixels=int(pred.nonfinite[0]))
         labels_rgb = colorize_labels(labels, self.palette) if {"labels_color", "overlay"} & wanted else None
         host = {
             "labels": lambda: labels.to(self._label_device_dtype).cpu().numpy().astype(self.label_dtype, copy=False),

@@ -1,8 +1,17 @@
-"""The node's parameters: declared with descriptions, read once, validated at start-up."""
+"""The node's parameters: declared with descriptions, validated at start-up and on every change.
+
+Parameters in :data:`LIVE` take effect while the node runs (``ros2 param set``), validated by the
+same rules as at start-up; the others are declared read-only, so that a change is refused rather
+than accepted and ignored. Overrides that name no parameter (a typo such as ``mask_treshold``) are
+reported with the closest name.
+"""
+import difflib
 from dataclasses import dataclass
 
 from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.exceptions import InvalidParameterTypeException
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 
 from . import OPENCV_PIXEL_CAP
 from ..colormap import COLORMAPS
@@ -44,6 +53,14 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "uncertainty_alarm": (0.3, "diagnostics turn WARN when the fraction of uncertain pixels exceeds this, 0..1"),
     "diagnostics_period": (1.0, "seconds between /diagnostics messages"),
 }
+
+
+# Parameters that may change while the node runs; the rest configure subscriptions, the model and the
+# backend, which are set up once.
+LIVE = frozenset({"mask_threshold", "overlay_alpha", "colormap", "outputs", "max_rate_hz", "uncertainty_alarm",
+                  "batch_window_ms"})
+# Declared by rclpy itself on every node.
+RCLPY_PARAMETERS = frozenset({"use_sim_time", "start_type_description_service"})
 
 
 class ParameterError(ValueError):
@@ -90,16 +107,53 @@ def _in_range(name: str, value: float, low: float, high: float | None = None) ->
     return value
 
 
-def declare_and_read(node: Node) -> NodeSettings:
-    """Declare every parameter (with its description) and return validated settings.
+def declare(node: Node) -> NodeSettings:
+    """Declare every parameter (with its description; :data:`LIVE` ones writable, the rest read-only)
+    and return the validated settings.
 
     Numeric parameters take integers too (``batch_window_ms:=10``), which ROS would otherwise
-    refuse for a parameter declared with a float default.
+    refuse for a parameter declared with a float default. A value of the wrong type (a string for
+    a string array, say) is a :class:`ParameterError` that says what was expected.
     """
-    numeric = {name for name, (default, _) in PARAMETERS.items() if isinstance(default, float)}
     for name, (default, description) in PARAMETERS.items():
-        node.declare_parameter(name, default, ParameterDescriptor(description=description, dynamic_typing=name in numeric))
-    p = {name: node.get_parameter(name).value for name in PARAMETERS}
+        descriptor = ParameterDescriptor(description=description, dynamic_typing=isinstance(default, float),
+                                         read_only=name not in LIVE)
+        try:
+            node.declare_parameter(name, default, descriptor)
+        except InvalidParameterTypeException as exc:
+            raise ParameterError(_type_message(name, node, default)) from exc
+    return validate({name: node.get_parameter(name).value for name in PARAMETERS})
+
+
+def _type_message(name: str, node: Node, default) -> str:
+    given = getattr(node, "_parameter_overrides", {}).get(name)
+    shown = f" {given.value!r} ({given.type_.name.lower()})" if given is not None else ""
+    expected = Parameter.Type.from_parameter_value(default).name.lower().replace("_", " ")
+    article = "an" if expected[0] in "aeiou" else "a"
+    example = f"; e.g. {name}:=\"[{default[0]}]\"" if isinstance(default, list) else ""
+    return f"parameter '{name}' is{shown}; it must be {article} {expected}{example}"
+
+
+def unknown_overrides(node: Node) -> list[str]:
+    """One warning per parameter override that names no parameter of the node, with the closest name.
+
+    rclpy keeps the overrides given to the node (``-p``, ``--params-file``) as ``_parameter_overrides``;
+    there is no public accessor for them, and an override that matches no declared parameter is
+    otherwise dropped without a word.
+    """
+    overrides = getattr(node, "_parameter_overrides", {})
+    warnings = []
+    for name in sorted(set(overrides) - set(PARAMETERS) - RCLPY_PARAMETERS):
+        close = difflib.get_close_matches(name, PARAMETERS, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; the parameters are: {', '.join(PARAMETERS)}"
+        warnings.append(f"parameter '{name}' is not a parameter of this node and is ignored{hint}")
+    return warnings
+
+
+def validate(p: dict[str, object]) -> NodeSettings:
+    """Validated settings from every parameter's value (start-up and live changes share these rules)."""
+    p = dict(p)
+    numeric = {name for name, (default, _) in PARAMETERS.items() if isinstance(default, float)}
     for name in numeric:
         if isinstance(p[name], bool) or not isinstance(p[name], (int, float)):
             raise ParameterError(f"parameter '{name}' is {p[name]!r}; it must be a number")
@@ -143,3 +197,10 @@ def declare_and_read(node: Node) -> NodeSettings:
         uncertainty_alarm=_in_range("uncertainty_alarm", p["uncertainty_alarm"], 0.0, 1.0),
         diagnostics_period=_in_range("diagnostics_period", p["diagnostics_period"], 0.05),
     )
+
+
+def changed(node: Node, parameters: list[Parameter]) -> NodeSettings:
+    """The settings ``parameters`` would give (a :class:`ParameterError` says why not); nothing is applied."""
+    values = {name: node.get_parameter(name).value for name in PARAMETERS}
+    values.update({p.name: p.value for p in parameters if p.name in PARAMETERS})
+    return validate(values)

@@ -4,8 +4,10 @@ Thin by design: parameters, subscriptions, publishers and short callbacks. Callb
 newest frame of each camera; one inference thread takes the newest frames of all cameras (after
 waiting up to ``batch_window_ms`` for cameras that have none yet), runs them through the core's
 Predictor in one batch and publishes what has subscribers, with the input header, at the camera's
-resolution.
+resolution, with the camera's ``camera_info`` beside them. Display parameters (threshold, colours,
+outputs, rates) change live through ``ros2 param set``.
 """
+import json
 import logging
 import sys
 import threading
@@ -15,20 +17,24 @@ import numpy as np
 import rclpy
 import torch
 from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from sensor_msgs.msg import CompressedImage, Image
 
 from ..bundle import BundleError, load_bundle
+from ..class_info import class_info
 from ..image_encoding import ImageDataError, ImageTooLargeError, UnsupportedEncodingError
 from ..inference import BackendUnavailable, Predictor, PredictorOptions, choose_backend
+from ..overlay import MARK_COLOR, MARKING
 from ..preprocessing import reduced_size
 from ..resources import resolve_bundle
 from .camera_stream import CameraStream
 from .conversions import array_to_message, message_to_rgb8
 from .diagnostics import camera_status
-from .parameters import NodeSettings, ParameterError, declare_and_read
+from .parameters import NodeSettings, ParameterError, changed, declare, unknown_overrides
 from .qos import qos_profile
 
 
@@ -63,7 +69,9 @@ class _RosLogHandler(logging.Handler):
 class PerceptionNode(Node):
     def __init__(self, **kwargs) -> None:
         super().__init__("perception_node", **kwargs)
-        self.settings: NodeSettings = declare_and_read(self)
+        self.settings: NodeSettings = declare(self)
+        for warning in unknown_overrides(self):
+            self.get_logger().warning(warning)
         s = self.settings
         core_log = logging.getLogger("uncertain_seg_ros")
         core_log.setLevel(logging.INFO)
@@ -77,7 +85,7 @@ class PerceptionNode(Node):
                                    max_batch=len(s.camera_topics), cache_dir=s.engine_cache or None,
                                    max_output_pixels=s.max_output_pixels)
         self.predictor = Predictor(bundle, options)
-        labels_encoding = "mono8" if self.predictor.label_dtype == np.uint8 else "mono16"
+        self.labels_encoding = "mono8" if self.predictor.label_dtype == np.uint8 else "mono16"
         self.info = {"backend": self.backend, "device": device, "precision": s.precision,
                      "model_id": bundle.model_id, "model_name": bundle.config.name}
 
@@ -90,19 +98,47 @@ class PerceptionNode(Node):
             base = resolved.removesuffix("/compressed")
             source, msg_type = (f"{base}/compressed", CompressedImage) if compressed else (base, Image)
             camera = CameraStream(self, base, s.outputs, s.output_namespace, s.output_qos, s.output_depth,
-                                  s.max_rate_hz, labels_encoding)
+                                  s.max_rate_hz, self.labels_encoding, s.input_qos)
             events = SubscriptionEventCallbacks(incompatible_qos=lambda info, t=source: self._incompatible_qos(t, info))
             self.create_subscription(msg_type, source, lambda msg, c=camera: self._on_frame(c, msg),
                                      qos_profile(s.input_qos, s.input_depth), event_callbacks=events)
             self.cameras.append(camera)
             self.get_logger().info(f"segmenting {source} ({msg_type.__name__}, QoS {s.input_qos}) -> {camera.namespace}/"
                                    f"{{{','.join(camera.publishers)}}}")
+        self._publish_class_info()
         self.diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(s.diagnostics_period, self._publish_diagnostics)
+        self.add_on_set_parameters_callback(self._check_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
         self._worker = threading.Thread(target=self._work, name="inference", daemon=True)
         self._worker.start()
         self.get_logger().info(f"model {bundle.config.name} ({bundle_path}, id {bundle.model_id}) on {device}, "
                                f"backend {self.predictor.backend.describe()}")
+
+    def _check_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
+        """Accept a change only if the settings it gives pass the start-up rules (read-only ones rclpy refuses)."""
+        try:
+            changed(self, parameters)
+        except ParameterError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        return SetParametersResult(successful=True)
+
+    def _apply_parameters(self, parameters: list[Parameter]) -> None:
+        """Take accepted changes into effect: the next frame uses them."""
+        s = self.settings = changed(self, parameters)
+        self.predictor.configure(s.mask_threshold, s.colormap, s.overlay_alpha)
+        for camera in self.cameras:
+            camera.set_outputs(s.outputs)
+            camera.set_rate(s.max_rate_hz)
+        self._publish_class_info()
+        self.get_logger().info("parameters changed: " + ", ".join(f"{p.name}={p.value!r}" for p in parameters))
+
+    def _publish_class_info(self) -> None:
+        p = self.predictor
+        text = json.dumps(class_info(p.bundle.config, p.model_id, p.threshold, p.options.colormap, self.labels_encoding,
+                                     MARK_COLOR, MARKING), sort_keys=True)
+        for camera in self.cameras:
+            camera.publish_class_info(text)
 
     def _incompatible_qos(self, topic: str, info) -> None:
         self.get_logger().warning(
@@ -126,6 +162,9 @@ class PerceptionNode(Node):
                                       throttle_duration_sec=5.0)
         except (ImageDataError, ValueError) as exc:
             self.get_logger().warning(f"{camera.topic}: bad frame skipped: {exc}", throttle_duration_sec=5.0)
+        except Exception as exc:  # whatever else a message provokes must not end the inference thread
+            self.get_logger().error(f"{camera.topic}: frame skipped, unexpected error reading it: {exc!r}",
+                                    throttle_duration_sec=5.0)
         else:
             self._note_reduced(camera, image.shape[0], image.shape[1])
             return image
@@ -182,7 +221,8 @@ class PerceptionNode(Node):
             results = self.predictor.run([b[2] for b in batch], [b[3] for b in batch])
             for (camera, (msg, arrived), _, wanted), out in zip(batch, results):
                 for kind in wanted:
-                    camera.publishers[kind].publish(array_to_message(getattr(out, kind), camera.encodings[kind], msg.header))
+                    camera.publish(kind, array_to_message(getattr(out, kind), camera.encodings[kind], msg.header))
+                camera.publish_camera_info(msg.header, *out.size)
                 now = time.monotonic()
                 camera.stats.published(now, now - arrived, out.uncertain_fraction, len(batch), out.nonfinite_pixels)
                 camera.settle(now)
