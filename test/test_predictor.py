@@ -102,16 +102,6 @@ def test_fp16_on_cpu_rejected(bundle):
         Predictor(bundle, PredictorOptions(precision="fp16"))
 
 
-def test_overlay_hand_worked():
-    """alpha 0.25: 0.75*image + 0.25*colour; a masked pixel is then averaged with magenta."""
-    image = torch.tensor([[[100, 100, 100], [0, 0, 0]]], dtype=torch.uint8)
-    colours = torch.tensor([[[200, 0, 0], [0, 200, 0]]], dtype=torch.uint8)
-    mask = torch.tensor([[False, True]])
-    out = overlay(image, colours, mask, alpha=0.25)
-    assert out[0, 0].tolist() == [125, 75, 75]
-    assert out[0, 1].tolist() == [128, 25, 128]
-
-
 @pytest.mark.parametrize("source", ["max_softmax", "entropy", "learned"])
 def test_non_finite_network_outputs_fail_closed(source):
     """NaN and inf logits or predicted loss: those pixels are uncertain (1), mask on, counted; finite

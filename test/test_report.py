@@ -19,13 +19,15 @@ from uncertain_seg_training.report import (
     MontageRow,
     metrics_dict,
     montage_image,
+    montage_legend,
     write_report,
 )
+from uncertain_seg_ros.legend import SWATCH, class_items, swatch_layout
 
 CLASSES = ["ground", "vegetation", "obstacle"]
 PALETTE = np.array([[128, 64, 128], [0, 160, 0], [220, 20, 60]], dtype=np.uint8)
 IGNORE = 255
-PNGS = ("reliability.png", "pr_curves.png", "roc_curves.png", "montage.png")
+PNGS = ("reliability.png", "pr_curves.png", "roc_curves.png", "montage.png")  # legend.png: its own test
 
 
 def synthetic_row(seed: int, h: int = 24, w: int = 32) -> MontageRow:
@@ -71,10 +73,10 @@ def test_write_report_writes_every_file(tmp_path, report_inputs):
     out = tmp_path / "report"
     md = write_report(
         out, "Synthetic check", metrics, curves, calibration, rows, CLASSES,
-        notes=["a synthetic case"], palette=PALETTE, ignore_index=IGNORE,
+        notes=["a synthetic case"], palette=PALETTE, ignore_index=IGNORE, mask_threshold=0.7,
     )
     assert md == out / "report.md"
-    for name in ("metrics.json", "report.md", *PNGS):
+    for name in ("metrics.json", "report.md", "legend.png", *PNGS):
         assert (out / name).is_file(), name
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
     for name in PNGS:
@@ -95,8 +97,10 @@ def test_write_report_writes_every_file(tmp_path, report_inputs):
 
     text = md.read_text()
     assert text.startswith("# Synthetic check")
-    for name in PNGS:
+    for name in ("legend.png", *PNGS):
         assert f"]({name})" in text
+    assert "Legend. Classes (id, name, colour): 0 ground `#804080`, 1 vegetation `#00a000`, 2 obstacle `#dc143c`, " \
+           "void (not scored) `#000000`." in text and "mask threshold 0.700" in text
     for name in (*CLASSES, "max_softmax", "learned", "uncalibrated", "temperature", "a synthetic case"):
         assert name in text
     assert f"{metrics['miou']:.4f}" in text
@@ -114,7 +118,7 @@ def test_write_report_replaces_an_existing_report_and_handles_no_data(tmp_path):
 
 def test_montage_layout_and_error_column():
     row = synthetic_row(3)
-    montage = montage_image([row], PALETTE, IGNORE)
+    montage = montage_image([row], PALETTE, IGNORE, CLASSES, 0.7)
     assert montage.dtype == np.uint8 and montage.shape[2] == 3
     assert montage.shape[1] <= MONTAGE_MAX_WIDTH
     tile_w = (montage.shape[1] - 7 * _GAP) // 6
@@ -172,3 +176,34 @@ def test_colorize_on_cuda_stays_on_device():
     np.testing.assert_array_equal(rgb.cpu().numpy(), colorize_labels(labels.cpu().numpy(), PALETTE))
     u = torch.linspace(0, 1, 1000, device="cuda")
     np.testing.assert_array_equal(colorize_scalar(u).cpu().numpy(), colorize_scalar(u.cpu().numpy()))
+
+
+def test_montage_has_the_legend_below_the_rows(tmp_path):
+    """Same width as the grid, taller by exactly the legend's height; the legend's swatches carry the
+    palette (+ void black) and the whole is still a valid RGB PNG."""
+    rows = [synthetic_row(4), synthetic_row(5)]
+    montage = montage_image(rows, PALETTE, IGNORE, CLASSES, 0.7)
+    width = montage.shape[1]
+    tile_w = (width - 7 * _GAP) // 6
+    grid_h = _HEADER_H + 2 * (_NAME_H + round(tile_w * 24 / 32)) + _GAP
+    legend = montage_legend(CLASSES, PALETTE, IGNORE, 0.7).render(width)
+    assert montage.shape == (grid_h + legend.shape[0], width, 3)
+    assert np.array_equal(montage[grid_h:], legend)
+    labels = [text for text, _ in class_items(CLASSES, PALETTE)] + ["void (not scored)"]
+    corners, _ = swatch_layout(labels, width)
+    for (x, y), colour in zip(corners, [*PALETTE.tolist(), [0, 0, 0]]):
+        assert montage[grid_h + y + SWATCH // 2, x + SWATCH // 2].tolist() == colour
+    ok, png = cv2.imencode(".png", cv2.cvtColor(montage, cv2.COLOR_RGB2BGR))
+    decoded = cv2.imdecode(png, cv2.IMREAD_COLOR)
+    assert ok and decoded.shape == montage.shape and np.array_equal(cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB), montage)
+    bare = montage_image(rows, PALETTE, None)  # no class names given: "class <id>", no void swatch
+    assert bare.shape[1] == width and bare.shape[0] <= montage.shape[0]
+
+
+def test_report_legend_png_shows_the_palette(tmp_path, report_inputs):
+    metrics, curves, calibration, rows = report_inputs
+    write_report(tmp_path, "t", metrics, curves, calibration, rows, CLASSES, palette=PALETTE, ignore_index=IGNORE)
+    legend = cv2.cvtColor(cv2.imread(str(tmp_path / "legend.png")), cv2.COLOR_BGR2RGB)
+    corners, _ = swatch_layout([text for text, _ in class_items(CLASSES, PALETTE)], legend.shape[1])
+    for (x, y), colour in zip(corners, PALETTE.tolist()):
+        assert legend[y + SWATCH // 2, x + SWATCH // 2].tolist() == colour

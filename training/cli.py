@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "writes a report (needs the [train] extra)",
                        options=_evaluate_options, description=(
         "Streams a labelled folder through a bundle and writes metrics.json, report.md, reliability.png, "
-        "pr_curves.png, roc_curves.png and montage.png into --out. The plots need matplotlib (the [train] extra)."))
+        "pr_curves.png, roc_curves.png, montage.png (examples, with the legend below) and legend.png (class "
+        "colours, the uncertainty colour bar with the mask threshold) into --out. The plots need matplotlib (the [train] extra)."))
     p.set_defaults(func=_evaluate)
 
     sub.add_parser("calibrate", help="fit temperature / selective scaling and the mask threshold on a held-out split",

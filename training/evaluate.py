@@ -226,6 +226,7 @@ def evaluate(
         bundle.config.class_names,
         palette=bundle.config.palette,
         ignore_index=bundle.config.ignore_index,
+        mask_threshold=bundle.config.mask_threshold,
         notes=[f"Bundle `{bundle_path}` (model id {bundle.model_id}), data `{data}`, {ev.frames} frames.",
                f"Published uncertainty source: `{bundle.config.uncertainty_source}`, mask threshold {bundle.config.mask_threshold:.3f}."],
     )

@@ -1,7 +1,8 @@
 """Evaluation report: a folder a person opens to judge a model's segmentation and its uncertainty.
 
-``write_report`` writes ``metrics.json``, ``report.md`` and four figures (reliability diagrams,
-precision-recall and ROC curves of misclassification detection, an example montage). Every file is
+``write_report`` writes ``metrics.json``, ``report.md`` and five figures (the legend: class colours
+and the uncertainty colour map; reliability diagrams, precision-recall and ROC curves of
+misclassification detection, an example montage with the legend under it). Every file is
 written atomically, so a report folder being refreshed never shows a half-written file.
 """
 import io
@@ -20,19 +21,23 @@ from matplotlib.figure import Figure
 
 from uncertain_seg_ros.atomic_io import atomic_write_bytes, atomic_write_text
 from uncertain_seg_ros.colormap import colorize_labels, colorize_scalar, default_palette
+from uncertain_seg_ros.legend import Legend
 from uncertain_seg_ros.metrics import CalibrationBins, ConfusionMatrix, MisclassificationCurves
 from uncertain_seg_ros.montage import fit, image_grid, tile_width
 
 log = logging.getLogger(__name__)
 
 FIGURES = {
+    "legend.png": "Legend: class colours and the uncertainty colour map",
     "reliability.png": "Reliability diagrams",
     "pr_curves.png": "Precision-recall curves of misclassification detection",
     "roc_curves.png": "ROC curves of misclassification detection",
     "montage.png": "Examples",
 }
 MONTAGE_COLUMNS = ("input", "ground truth", "prediction", "uncertainty", "flagged", "errors")
+MONTAGE_COLORMAP = "inferno"
 _VOID_GREY = 128
+LEGEND_WIDTH = 900
 
 
 @dataclass
@@ -83,6 +88,7 @@ def write_report(
     *,
     palette: np.ndarray | None = None,
     ignore_index: int | None = None,
+    mask_threshold: float | None = None,
 ) -> Path:
     """Write the report folder ``out_dir`` and return the path of its ``report.md``.
 
@@ -97,7 +103,8 @@ def write_report(
     ``curves`` (one per uncertainty source) and ``calibration`` (e.g. "uncalibrated",
     "temperature") feed the figures; where ``metrics`` lacks "uncertainty" / "calibration" the
     tables are filled from them. ``palette`` (K, 3) uint8 colours the labels (a default one of
-    ``len(class_names)`` colours otherwise); ``ignore_index`` marks void pixels in the target.
+    ``len(class_names)`` colours otherwise); ``ignore_index`` marks void pixels in the target;
+    ``mask_threshold`` (the one that made the rows' masks) is marked on the legend's colour bar.
     NaN is written as null in metrics.json.
     """
     out_dir = Path(out_dir)
@@ -109,15 +116,21 @@ def write_report(
     atomic_write_bytes(out_dir / "reliability.png", _figure_png(_reliability_figure(calibration)))
     atomic_write_bytes(out_dir / "pr_curves.png", _figure_png(_pr_figure(curves)))
     atomic_write_bytes(out_dir / "roc_curves.png", _figure_png(_roc_figure(curves)))
-    montage = montage_image(montage_rows, palette, ignore_index)
-    ok, png = cv2.imencode(".png", cv2.cvtColor(montage, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise RuntimeError("PNG encoding of the montage failed")
-    atomic_write_bytes(out_dir / "montage.png", png.tobytes())
-    markdown = _markdown(title, metrics, curves, calibration, class_names, notes)
+    legend = montage_legend(class_names, palette, ignore_index, mask_threshold)
+    atomic_write_bytes(out_dir / "legend.png", _png(legend.render(LEGEND_WIDTH)))
+    montage = montage_image(montage_rows, palette, ignore_index, class_names, mask_threshold)
+    atomic_write_bytes(out_dir / "montage.png", _png(montage))
+    markdown = _markdown(title, metrics, curves, calibration, class_names, notes, legend.markdown())
     report = atomic_write_text(out_dir / "report.md", markdown)
     log.info("evaluation report written to %s", out_dir)
     return report
+
+
+def _png(image: np.ndarray) -> bytes:
+    ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError("PNG encoding of a report picture failed")
+    return png.tobytes()
 
 
 def _finite_or_none(value: Any) -> float | None:
@@ -250,15 +263,30 @@ def _row_tiles(row: MontageRow, palette: np.ndarray, ignore_index: int | None, w
     ]
 
 
-def montage_image(rows: list[MontageRow], palette: np.ndarray, ignore_index: int | None = None) -> np.ndarray:
-    """An RGB uint8 montage: column titles on top, then one named row of six tiles per example.
+def montage_legend(class_names: list[str] | None, palette: np.ndarray, ignore_index: int | None = None,
+                   mask_threshold: float | None = None) -> Legend:
+    """The key to the montage's columns: class swatches (+ void), the colour bar, what white and grey mean."""
+    flagged = f"uncertainty > {mask_threshold:.3f}" if mask_threshold is not None else "uncertainty above the mask threshold"
+    return Legend(
+        class_names or [], palette, MONTAGE_COLORMAP, mask_threshold,
+        extra_items=[("void (not scored)", (0, 0, 0))] if ignore_index is not None else [],
+        notes=[f"flagged: white = {flagged};  errors: white = prediction wrong, black = right, grey = void"],
+    )
+
+
+def montage_image(rows: list[MontageRow], palette: np.ndarray, ignore_index: int | None = None,
+                  class_names: list[str] | None = None, mask_threshold: float | None = None) -> np.ndarray:
+    """An RGB uint8 montage: column titles on top, one named row of six tiles per example, the legend below.
 
     Columns: input, ground truth and prediction (palette colours, void black), uncertainty
-    (inferno, 0..1), flagged pixels (white), actual errors (white = wrong, grey = void).
+    (inferno, 0..1), flagged pixels (white), actual errors (white = wrong, grey = void). The legend
+    (:func:`montage_legend`) names each class colour (``class_names``, else ``class <id>``) and shows
+    the colour bar with ``mask_threshold`` on it.
     """
     widest = max(np.asarray(r.target).shape[1] for r in rows) if rows else None
     width = tile_width(len(MONTAGE_COLUMNS), widest)
-    return image_grid(list(MONTAGE_COLUMNS), [(r.name, _row_tiles(r, palette, ignore_index, width)) for r in rows], width)
+    grid = image_grid(list(MONTAGE_COLUMNS), [(r.name, _row_tiles(r, palette, ignore_index, width)) for r in rows], width)
+    return montage_legend(class_names, palette, ignore_index, mask_threshold).below(grid)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -300,6 +328,7 @@ def _markdown(
     calibration: Mapping[str, CalibrationBins],
     class_names: list[str],
     notes: list[str] | None,
+    legend_line: str = "",
 ) -> str:
     uncertainty = metrics.get("uncertainty") or {s: c.to_dict() for s, c in curves.items()}
     calib = metrics.get("calibration") or {n: b.to_dict() for n, b in calibration.items()}
@@ -330,6 +359,8 @@ def _markdown(
     lines += ["## Per-class IoU", ""]
     lines += _table(["id", "class", "IoU"], [[str(i), n, _fmt(per_class.get(n))] for i, n in enumerate(class_names)])
     lines += ["## Figures", ""]
+    if legend_line:
+        lines += [f"Legend. {legend_line}", ""]
     for file, caption in FIGURES.items():
         lines += [f"### {caption}", "", f"![{caption}]({file})", ""]
     if notes:

@@ -341,6 +341,23 @@ def _check_finite(weights: Path, state: dict[str, torch.Tensor]) -> None:
                           "such a model cannot be trusted with any pixel")
 
 
+def read_config(path: str | os.PathLike) -> BundleConfig:
+    """A bundle's ``config.json``, validated, without checking or reading the weights (e.g. for a
+    legend of its classes); :func:`load_bundle` reads it the same way after verifying the checksums."""
+    path = Path(path)
+    try:
+        raw = json.loads((path / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path / CONFIG_FILE} is not valid JSON: {exc}") from exc
+    except OSError as exc:
+        raise BundleError(f"{path / CONFIG_FILE} cannot be read: {exc}") from exc
+    try:
+        return BundleConfig.from_dict(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        missing = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise BundleError(f"{path / CONFIG_FILE} is invalid: {missing}") from exc
+
+
 def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> Bundle:
     """Verify and load a bundle; raises BundleError with the reason when anything is wrong.
 
@@ -351,15 +368,7 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     """
     path = Path(path)
     verify_bundle(path)
-    try:
-        raw = json.loads((path / CONFIG_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path / CONFIG_FILE} is not valid JSON: {exc}") from exc
-    try:
-        config = BundleConfig.from_dict(raw)
-    except (KeyError, TypeError, ValueError) as exc:
-        missing = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
-        raise BundleError(f"{path / CONFIG_FILE} is invalid: {missing}") from exc
+    config = read_config(path)
     weights = path / WEIGHTS_FILE
     try:
         state = load_file(str(weights))

@@ -77,13 +77,14 @@ def _play(args: argparse.Namespace) -> int:
 
 
 def _record(args: argparse.Namespace) -> int:
+    legend = _record_legend(args)
     with _spinning_node("uncertain_seg_recorder") as node:
         from .camera_stream import output_namespace
         from .demo import ServingMonitor
         from .output_recorder import OutputRecorder
 
         recorder = OutputRecorder(node, args.camera_topic, output_namespace(args.camera_topic, args.output_namespace),
-                                  Path(args.out), qos=args.qos)
+                                  Path(args.out), qos=args.qos, legend=legend)
         monitor = ServingMonitor(node)
         try:
             time.sleep(args.duration)
@@ -94,6 +95,22 @@ def _record(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr if line.startswith("warning") else sys.stdout)
     print(f"{len(recorder.stamps('overlay'))} frames with overlay written to {args.out}; montage: {montage}")
     return 0
+
+
+def _record_legend(args: argparse.Namespace):
+    """The montage's legend from what the command line says about the node: its bundle (classes, palette,
+    mask threshold), colour map and threshold override."""
+    from ..bundle import read_config
+    from ..colormap import lut
+    from ..legend import Legend
+    from ..resources import resolve_bundle
+
+    lut(args.colormap)  # an unknown name fails here, before recording, naming the choices
+    if args.model:
+        kwargs = {} if args.mask_threshold is None else {"threshold": args.mask_threshold}
+        return Legend.for_bundle(read_config(resolve_bundle(args.model)), colormap=args.colormap, overlay_key=True,
+                                 **kwargs)
+    return Legend(colormap=args.colormap, threshold=args.mask_threshold, overlay_key=True)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -143,6 +160,15 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--duration", type=float, default=10.0, help="seconds to record (default: 10; Ctrl-C stops early)")
     p.add_argument("--qos", default="reliable", help="subscription QoS (default: reliable)")
+    p.add_argument("--model", default=None,
+                   help="the node's model bundle (folder or shipped name): its class names and colours go into the "
+                        "montage's legend and README.txt, its mask threshold onto the colour bar (default: none, no "
+                        "class legend)")
+    p.add_argument("--colormap", default="inferno",
+                   help="the node's colormap parameter (inferno, turbo), for the montage's colour bar (default: "
+                        "inferno, the node's)")
+    p.add_argument("--mask-threshold", type=float, default=None,
+                   help="the node's mask_threshold parameter where it overrides the bundle's (default: the bundle's)")
     p.set_defaults(func=_record)
 
     p = groups[""].add_parser("demo", help="the perception node on the bundled sample bag; outputs as PNGs + montage",

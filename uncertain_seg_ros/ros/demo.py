@@ -21,7 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic_io import atomic_write_text
+from ..bundle import read_config
 from ..inference import OUTPUT_KINDS
+from ..legend import Legend
+from ..resources import resolve_bundle
 from .camera_stream import output_namespace
 from .dds_transport import large_image_profile, use_transport_profile
 
@@ -111,6 +114,10 @@ def run_demo(bag: Path, out: Path, model: str = "camvid_demo", topic: str = "/ca
 
     from .bag_player import BagPlayer
     from .output_recorder import MONTAGE_COLUMNS, OutputRecorder
+    from .parameters import PARAMETERS
+
+    # the node runs with its default colormap and the bundle's mask threshold: the montage's legend says so
+    legend = Legend.for_bundle(read_config(resolve_bundle(model)), colormap=PARAMETERS["colormap"][0], overlay_key=True)
 
     domain = isolate_graph(domain_id)
     use_transport_profile(large_image_profile())
@@ -128,7 +135,8 @@ def run_demo(bag: Path, out: Path, model: str = "camvid_demo", topic: str = "/ca
     spinner.start()
     try:
         player = BagPlayer(node, [bag], [topic], qos="transient_local")
-        recorder = OutputRecorder(node, topic, output_namespace(topic, "segmentation"), out, input_qos="transient_local")
+        recorder = OutputRecorder(node, topic, output_namespace(topic, "segmentation"), out, input_qos="transient_local",
+                                  legend=legend)
         monitor = ServingMonitor(node)
         deadline = time.monotonic() + timeout_s
         print(f"demo: ROS_DOMAIN_ID={domain}; waiting for perception_node (loading {model}) ...", flush=True)

@@ -4,11 +4,13 @@ Used by the demo (and usable on a robot: ``uncertain-seg record``). Files are na
 header stamp, so the outputs of one frame sit side by side:
 ``<out>/<kind>/<stamp_ns>.png``; ``uncertainty`` (32FC1 in [0, 1]) is stored as a 16-bit PNG
 (value x 65535) and ``labels`` as class indices, both data that look black in an image viewer:
-``<out>/README.txt`` says so and points at the colour versions beside them.
+``<out>/README.txt`` says so, points at the colour versions beside them and, given a legend, names
+each class index. The montage carries the legend under its rows.
 """
 import threading
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -19,6 +21,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from ..atomic_io import atomic_write_bytes, atomic_write_text
 from ..image_encoding import raw_to_array
 from ..inference import OUTPUT_KINDS
+from ..legend import Legend, class_items
 from ..montage import fit, image_grid, tile_width
 from .conversions import message_to_rgb8
 from .qos import qos_profile
@@ -26,13 +29,15 @@ from .qos import qos_profile
 MONTAGE_COLUMNS = ("input", "overlay", "labels_color", "uncertainty_color", "mask")
 FOLDER_NOTES = {
     "input": "the camera image as received (RGB)",
-    "overlay": "the image blended with the labels' colours, likely-wrong pixels in magenta",
+    "overlay": "the image blended with the labels' colours, likely-wrong regions outlined and hatched in magenta",
     "labels_color": "the labels in the bundle's palette",
     "uncertainty_color": "the uncertainty through the node's colour map (bright = likely wrong)",
     "mask": "misclassification mask: white where the uncertainty is above the bundle's threshold",
-    "labels": "DATA for programs, looks black: the class index of each pixel (0..K-1)",
-    "uncertainty": "DATA for programs, looks dark: uncertainty in [0, 1] as a 16-bit PNG, value x 65535",
+    "labels": "DATA for programs, looks black: the class index of each pixel (0..K-1); to look at: labels_color/",
+    "uncertainty": "DATA for programs, looks dark: uncertainty in [0, 1] as a 16-bit PNG, value x 65535 "
+                   "(cv2.imread(path, cv2.IMREAD_UNCHANGED) / 65535); to look at: uncertainty_color/",
 }
+MASK_NOTE = "mask: white = likely wrong (uncertainty above the mask threshold), the pixels the overlay outlines and hatches"
 
 
 def stamp_ns(msg) -> int:
@@ -52,12 +57,16 @@ class OutputRecorder:
     """Records one camera: its input topic and the node's outputs under ``namespace``.
 
     ``qos`` is the outputs' subscription QoS, ``input_qos`` the input's (default: the same).
+    ``legend`` (the node's classes, colour map and threshold, where known) goes under the montage
+    and names the class indices in README.txt; without it the montage's legend shows only the
+    overlay's marking.
     """
 
     def __init__(self, node: Node, input_topic: str | None, namespace: str, out_dir: Path,
                  kinds: tuple[str, ...] = OUTPUT_KINDS, qos: str = "reliable", compressed: bool = False,
-                 input_qos: str | None = None) -> None:
+                 input_qos: str | None = None, legend: Legend | None = None) -> None:
         self.out = Path(out_dir)
+        self.legend = legend if legend is not None else Legend(colormap=None, overlay_key=True)
         self._lock = threading.Lock()
         self.received: dict[str, dict[int, float]] = defaultdict(dict)
         self.subscriptions = {}
@@ -76,7 +85,11 @@ class OutputRecorder:
         lines = ["One PNG per frame and topic, named by the frame's header stamp in nanoseconds: <folder>/<stamp>.png", ""]
         lines += [f"{kind + '/':{width}} {FOLDER_NOTES[kind]}" for kind in FOLDER_NOTES if kind in self.subscriptions]
         if set(MONTAGE_COLUMNS) <= set(self.subscriptions):
-            lines.append(f"{'montage.png':{width}} one row per frame: {', '.join(MONTAGE_COLUMNS)}")
+            lines.append(f"{'montage.png':{width}} one row per frame: {', '.join(MONTAGE_COLUMNS)}; the legend below "
+                         "them: class colours, the uncertainty colour bar, the overlay's marking")
+        if self.legend.palette is not None and "labels" in self.subscriptions:
+            names = ", ".join(text for text, _ in class_items(self.legend.class_names, self.legend.palette))
+            lines += ["", f"class indices in labels/ (colours: labels_color/ and the montage's legend): {names}"]
         atomic_write_text(self.out / "README.txt", "\n".join(lines) + "\n")
 
     def connected(self) -> bool:
@@ -150,19 +163,30 @@ class OutputRecorder:
         return np.array([(got[s] - t) * 1000.0 for s, t in sent_at.items() if s in got])
 
     def write_montage(self, path: Path, max_rows: int = 8) -> Path | None:
-        """One row per recorded frame (at most ``max_rows``): input, overlay, labels, uncertainty, mask."""
+        """One row per recorded frame (at most ``max_rows``): input, overlay, labels, uncertainty, mask; the
+        legend below."""
         stamps = sorted(set.intersection(*(self.stamps(k) for k in MONTAGE_COLUMNS)))
-        if not stamps:
+        image = folder_montage(self.out, stamps, self.legend, max_rows)
+        if image is None:
             return None
-        picked = [stamps[i] for i in np.linspace(0, len(stamps) - 1, min(max_rows, len(stamps))).round().astype(int)]
-        first = cv2.imread(str(self.out / "input" / f"{picked[0]}.png"))
-        width = tile_width(len(MONTAGE_COLUMNS), first.shape[1])
-        rows = []
-        for stamp in picked:
-            tiles = []
-            for kind in MONTAGE_COLUMNS:
-                image = cv2.cvtColor(cv2.imread(str(self.out / kind / f"{stamp}.png"), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-                tiles.append(fit(image, width, nearest=kind in ("labels_color", "mask")))
-            rows.append((f"stamp {stamp / 1e9:.3f} s", tiles))
-        atomic_write_bytes(path, _png(image_grid(list(MONTAGE_COLUMNS), rows, width)))
+        atomic_write_bytes(path, _png(image))
         return path
+
+
+def folder_montage(out: Path, stamps: list[int], legend: Legend, max_rows: int = 8) -> np.ndarray | None:
+    """RGB montage of the recorded ``<out>/<kind>/<stamp>.png`` of ``stamps`` (at most ``max_rows``, evenly
+    picked), one row per frame, ``MONTAGE_COLUMNS`` as columns, ``legend`` (+ what the mask means) below."""
+    if not stamps:
+        return None
+    picked = [stamps[i] for i in np.linspace(0, len(stamps) - 1, min(max_rows, len(stamps))).round().astype(int)]
+    first = cv2.imread(str(out / "input" / f"{picked[0]}.png"))
+    width = tile_width(len(MONTAGE_COLUMNS), first.shape[1])
+    rows = []
+    for stamp in picked:
+        tiles = []
+        for kind in MONTAGE_COLUMNS:
+            image = cv2.cvtColor(cv2.imread(str(out / kind / f"{stamp}.png"), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+            tiles.append(fit(image, width, nearest=kind in ("labels_color", "mask")))
+        rows.append((f"stamp {stamp / 1e9:.3f} s", tiles))
+    grid = image_grid(list(MONTAGE_COLUMNS), rows, width)
+    return replace(legend, notes=[*legend.notes, MASK_NOTE]).below(grid)
