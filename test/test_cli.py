@@ -175,3 +175,16 @@ def test_calibrate_refuses_an_existing_out(tiny_bundle, labelled_folder, tmp_pat
     assert capsys.readouterr().err.strip() == f"uncertain-seg calibrate: error: --out {out} exists: give --overwrite to replace it, or choose another --out"
     assert (out / "notes.txt").read_text() == "mine"
     assert cli_main([*args, "--overwrite"]) == 0 and (out / "checksums.sha256").is_file() and not (out / "notes.txt").exists()
+
+
+def test_evaluate_skips_the_frames_a_calibration_was_fitted_on(tiny_bundle, labelled_folder, tmp_path, capsys):
+    """--skip N leaves out the folder's first N frames (name order): a report on the frames after them."""
+    out = tmp_path / "report"
+    args = ["evaluate", "--bundle", str(tiny_bundle), "--data", str(labelled_folder), "--device", "cpu", "--montage", "2"]
+    assert cli_main([*args, "--out", str(out), "--skip", "4"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["frames"] == 2 and metrics["skipped_frames"] == 4
+    assert "first 4 frames, in name order, skipped" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert cli_main([*args, "--out", str(tmp_path / "none"), "--skip", "6"]) == 2
+    assert "--skip 6 leaves none of the 6 frames" in capsys.readouterr().err

@@ -144,14 +144,16 @@ def _evaluate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--montage", type=int, default=6, help="frames shown in montage.png (default: 6)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N frames")
+    p.add_argument("--skip", type=int, default=0,
+                   help="leave out the first N frames (in name order), e.g. the frames a calibration was fitted on")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N frames (after --skip)")
     p.add_argument("--title", default=None, help="report title")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
-    metrics = evaluate(args.bundle, args.data, args.out, args.device, args.montage, args.limit, args.title)
+    metrics = evaluate(args.bundle, args.data, args.out, args.device, args.montage, args.limit, args.title, args.skip)
     print(f"mIoU {metrics['miou']:.4f}  pixel accuracy {metrics['pixel_accuracy']:.4f}  ({metrics['frames']} frames)")
     for source, m in metrics["uncertainty"].items():
         print(f"  {source:12s} max F0.5 {m['max_f05']:.4f}  AUROC {m['auroc']:.4f}  AUPR {m['aupr']:.4f}  FPR95 {m['fpr95']:.4f}")

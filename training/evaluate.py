@@ -125,7 +125,7 @@ def run_evaluation(
     indices = list(range(len(folder))) if indices is None else indices
     if frame_bins:
         ev.frame_stats = FrameStatistics.allocate([folder.images[i].stem for i in indices], k, frame_bins, curve_names, calibration_names)
-    shown = set(np.linspace(0, len(folder) - 1, montage_count).round().astype(int).tolist()) if montage_count else set()
+    shown = {indices[j] for j in np.linspace(0, len(indices) - 1, montage_count).round().astype(int)} if montage_count else set()
     size = (config.input.height, config.input.width)
     for row, i in enumerate(tqdm(indices, desc=f"evaluate {folder.root.name}", disable=not progress, unit="frame")):
         image, label = folder.read(i)
@@ -193,6 +193,7 @@ def evaluate(
     montage_count: int = 6,
     limit: int | None = None,
     title: str | None = None,
+    skip: int = 0,
 ) -> dict:
     """Evaluate a bundle on a labelled folder and write ``metrics.json`` + a Markdown report with plots."""
     from .report import MontageRow, write_report
@@ -205,7 +206,9 @@ def evaluate(
         raise ValueError(
             f"{data} has {folder.classes.num_classes} classes but the bundle predicts {bundle.config.model.num_classes}"
         )
-    indices = list(range(len(folder)))[:limit] if limit else None
+    if skip < 0 or skip >= len(folder):
+        raise ValueError(f"--skip {skip} leaves none of the {len(folder)} frames of {data}")
+    indices = list(range(len(folder)))[skip:][:limit] if limit or skip else None
     ev = run_evaluation(bundle.model, bundle.config, folder, dev, indices, montage_count)
     metrics = ev.metrics(bundle.config.class_names)
     metrics.update(
@@ -214,6 +217,7 @@ def evaluate(
         calibration_method=bundle.config.calibration.method,
         temperature=bundle.config.calibration.temperature,
         selective_temperature=bundle.config.calibration.selective_temperature,
+        skipped_frames=skip,
     )
     rows = [MontageRow(name=n, image=img, target=t, prediction=p, uncertainty=u, mask=m) for n, img, t, p, u, m in ev.montage]
     write_report(
@@ -227,7 +231,8 @@ def evaluate(
         palette=bundle.config.palette,
         ignore_index=bundle.config.ignore_index,
         mask_threshold=bundle.config.mask_threshold,
-        notes=[f"Bundle `{bundle_path}` (model id {bundle.model_id}), data `{data}`, {ev.frames} frames.",
+        notes=[f"Bundle `{bundle_path}` (model id {bundle.model_id}), data `{data}`, {ev.frames} frames"
+               + (f" (the folder's first {skip} frames, in name order, skipped)." if skip else "."),
                f"Published uncertainty source: `{bundle.config.uncertainty_source}`, mask threshold {bundle.config.mask_threshold:.3f}."],
     )
     log.info("mIoU %.4f on %d frames; report in %s", metrics["miou"], ev.frames, out)
