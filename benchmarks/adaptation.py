@@ -517,6 +517,18 @@ def _figure_reliability(exp: Experiment, work: Work, arms: list[str], path: Path
     fig.savefig(path)
 
 
+READING = "adaptation_reading.md"
+
+
+def _reading(out: Path) -> str:
+    """The reading of the figures, written by a person from the intervals (``<out>/adaptation_reading.md``):
+    what they support is a judgement this script does not make."""
+    path = out / READING
+    if path.is_file():
+        return path.read_text().strip()
+    return f"Not written yet: put it in `{READING}` beside this report, from the intervals above, and run with --report-only."
+
+
 def write_report(exp: Experiment, work: Work, out: Path, command: str) -> Path:
     """adaptation.md + adaptation.json + adaptation.png + adaptation_reliability.png in ``out``."""
     summary = summarise(exp, work)
@@ -607,7 +619,7 @@ def write_report(exp: Experiment, work: Work, out: Path, command: str) -> Path:
               "is the candidate for `models/camvid_demo`:", "",
               f"    uncertain-seg calibrate --bundle {work.bundle_of(exp, sel['arm'], exp.seeds[0])} --data {work.data / 'dusk_tune'} "
               "--method selective --selector-weighting duplicate --out models/camvid_demo", "",
-              "## Reading", "", "To be written from the intervals above once the full run is in (not generated).", "",
+              "## Reading", "", _reading(out), "",
               "![AUROC and AUPR minus the error rate per arm, with intervals](adaptation.png)", "",
               "![Reliability diagrams on the dusk test part](adaptation_reliability.png)", ""]
     atomic_write_text(out / "adaptation.md", "\n".join(lines))
