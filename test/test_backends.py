@@ -388,12 +388,12 @@ def test_unavailable_backends_say_why():
     with pytest.raises(BackendUnavailable, match="TensorRT runs on NVIDIA GPUs only"):
         choose_backend("tensorrt", "cpu")
     with pytest.raises(BackendUnavailable, match="unknown backend"):
-        choose_backend("openvino", "cpu")
+        choose_backend("tvm", "cpu")
     with pytest.raises(ValueError, match="bf16 is not supported"):
         create_backend("onnxruntime", load_bundle(DEMO), "cpu", "bf16")
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         create_backend("torch", load_bundle(DEMO), "cpu", "fp16")
-    with pytest.raises(ValueError, match="int8 runs on the onnxruntime backend only"):
+    with pytest.raises(ValueError, match="int8 runs on the onnxruntime and openvino backends only"):
         create_backend("torch", load_bundle(DEMO), "cpu", "int8")
 
 

@@ -232,7 +232,7 @@ def test_cli_without_ros_writes_json_markdown_and_chart(tiny_bundle, tmp_path, c
     _check_run(run, STAGES)
     assert {(r["backend"], r["precision"], r["batch"]) for r in run["rows"]} == {
         (b, p, n) for b, p in (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")) for n in (1, 2)}
-    assert "onnxruntime backend only" in {(s["backend"], s["precision"]): s["reason"] for s in run["skipped"]}[("torch", "int8")]
+    assert "onnxruntime and openvino backends only" in {(s["backend"], s["precision"]): s["reason"] for s in run["skipped"]}[("torch", "int8")]
     assert run["frames"]["camera_hw"] == [72, 96] and run["frames"]["count"] == 5
     report = (out / "r.md").read_text()
     assert "| onnxruntime | fp32 | 2 |" in report and "ONNX Runtime >= 1.8x" in report and "No GPU" in report

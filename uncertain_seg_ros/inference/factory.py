@@ -7,7 +7,8 @@ factory -> concrete backends -> interface.
 ``auto`` prefers, on CUDA: TensorRT, then torch.compile with CUDA graphs, then eager PyTorch; on the
 CPU: eager PyTorch, which ``uncertain-seg benchmark`` measured faster than ONNX Runtime fp32
 (benchmarks/results/inference_cpu.md); a backend whose library is missing is passed over. Precision
-int8 runs on ONNX Runtime only, so ``auto`` with int8 is ONNX Runtime.
+int8 runs on ONNX Runtime and OpenVINO; ``auto`` with int8 is ONNX Runtime, the one measured in the
+committed results.
 """
 import importlib.util
 import shutil
@@ -19,11 +20,11 @@ from .artifact_cache import ArtifactCache
 from .backend import PRECISIONS, Backend, BackendUnavailable
 from .network import DeployedNetwork
 
-BACKENDS = ("torch", "torch_compile", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "torch_compile", "onnxruntime", "tensorrt", "openvino")
 # On the CPU, eager PyTorch measured faster than ONNX Runtime in one benchmark run
 # (benchmarks/results/inference_cpu.md: ViT-S/14 at 644x476 1079 vs 1302 ms, the demo 65.0 vs 67.8 ms).
 AUTO_ORDER = {"cuda": ("tensorrt", "torch_compile", "torch"), "cpu": ("torch",)}
-INT8_BACKEND = "onnxruntime"
+INT8_BACKENDS = ("onnxruntime", "openvino")
 
 
 def _has(module: str) -> bool:
@@ -62,6 +63,12 @@ def unavailable_reason(name: str, device: str | torch.device) -> str | None:
         except Exception as e:  # the wheel imports, but TensorRT's shared libraries may be missing
             return f"torch_tensorrt does not load: {e}"
         return None
+    if name == "openvino":
+        if dev.type != "cpu":
+            return "OpenVINO runs on the CPU and on Intel GPUs (device cpu, openvino_device GPU), not on CUDA devices"
+        if not _has("openvino"):
+            return "openvino is not installed (pip install 'uncertain_seg_ros[openvino]')"
+        return None
     raise AssertionError(name)
 
 
@@ -91,22 +98,26 @@ def create_backend(
     precision: str = "fp32",
     max_batch: int = 1,
     cache: ArtifactCache | None = None,
+    openvino_device: str = "CPU",
 ) -> Backend:
     """The bundle's network behind backend ``name`` (``auto`` allowed), built or loaded from ``cache``.
 
-    ``auto`` with precision int8 means ONNX Runtime, the one backend that runs int8.
+    ``auto`` with precision int8 means ONNX Runtime. ``openvino_device``: where the openvino backend
+    runs the network (``CPU``, or ``GPU`` for an Intel GPU; its inputs stay on ``device``, the CPU).
     """
     dev = torch.device(device)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
-    if dev.type == "cpu" and precision == "fp16":
-        raise ValueError("precision fp16 needs a CUDA device; use fp32, bf16 or int8 on the CPU")
+    if dev.type == "cpu" and precision == "fp16" and name != "openvino":
+        raise ValueError("precision fp16 needs a CUDA device (or the openvino backend on a device with fp16); "
+                         "use fp32, bf16 or int8 on the CPU")
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     if precision == "int8":
-        if name not in ("auto", INT8_BACKEND):
-            raise ValueError(f"precision int8 runs on the {INT8_BACKEND} backend only, not {name!r}")
-        name = INT8_BACKEND
+        if name not in ("auto", *INT8_BACKENDS):
+            raise ValueError(f"precision int8 runs on the {' and '.join(INT8_BACKENDS)} backends only, not {name!r}")
+        if name == "auto":
+            name = INT8_BACKENDS[0]
     name = choose_backend(name, dev)
     cfg = bundle.config
     network = DeployedNetwork(bundle.model.to(dev), cfg.input.height, cfg.input.width)
@@ -123,6 +134,10 @@ def create_backend(
         from .onnx_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(network, dev, precision, max_batch, cache, bundle.model_checksum)
+    if name == "openvino":
+        from .openvino_backend import OpenVINOBackend
+
+        return OpenVINOBackend(network, dev, precision, max_batch, cache, bundle.model_checksum, target=openvino_device)
     from .tensorrt_backend import TensorRTBackend
 
     return TensorRTBackend(network, dev, precision, max_batch, cache, bundle.model_checksum)
