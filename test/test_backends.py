@@ -376,6 +376,30 @@ def test_torch_compile_matches_eager_on_the_cpu(tiny_bundle):
     assert agreement == 1.0 and diff < 1e-4 and np.array_equal(out[2].labels, ref[0].labels)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_reach_every_cpu_backend(tiny_bundle, tmp_path, threads):
+    """``threads`` sets PyTorch's process-wide count (eager, pre- and post-processing), ONNX Runtime's
+    intra-op pool and OpenVINO's INFERENCE_NUM_THREADS; 0 keeps the process's setting."""
+    bundle = load_bundle(tiny_bundle)
+    before = torch.get_num_threads()
+    try:
+        Predictor(bundle, PredictorOptions(backend="torch", threads=threads))
+        assert torch.get_num_threads() == threads
+        ort = Predictor(bundle, PredictorOptions(backend="onnxruntime", threads=threads, cache_dir=str(tmp_path)))
+        assert ort.backend.session.get_session_options().intra_op_num_threads == threads
+        if available_backends("cpu")["openvino"] is None:
+            ov = Predictor(bundle, PredictorOptions(backend="openvino", threads=threads, cache_dir=str(tmp_path)))
+            assert ov.backend.compiled.get_property("INFERENCE_NUM_THREADS") == threads
+            assert ov.backend.compiled.get_property("ENABLE_CPU_PINNING") is False
+        torch.set_num_threads(3)
+        Predictor(bundle, PredictorOptions(backend="torch", threads=0))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        PredictorOptions(threads=-1)
+
+
 def test_auto_takes_eager_pytorch_on_the_cpu_and_any_backend_can_be_named():
     assert available_backends("cpu")["onnxruntime"] is None
     assert choose_backend("auto", "cpu") == "torch"

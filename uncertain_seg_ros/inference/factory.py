@@ -98,12 +98,15 @@ def create_backend(
     precision: str = "fp32",
     max_batch: int = 1,
     cache: ArtifactCache | None = None,
+    threads: int | None = None,
     openvino_device: str = "CPU",
 ) -> Backend:
     """The bundle's network behind backend ``name`` (``auto`` allowed), built or loaded from ``cache``.
 
-    ``auto`` with precision int8 means ONNX Runtime. ``openvino_device``: where the openvino backend
-    runs the network (``CPU``, or ``GPU`` for an Intel GPU; its inputs stay on ``device``, the CPU).
+    ``auto`` with precision int8 means ONNX Runtime. ``threads``: the CPU threads ONNX Runtime and
+    OpenVINO run the network with (None: PyTorch's thread count, which the PyTorch backends use; it
+    is process-wide, so the caller sets it). ``openvino_device``: where the openvino backend runs the
+    network (``CPU``, or ``GPU`` for an Intel GPU; its inputs stay on ``device``, the CPU).
     """
     dev = torch.device(device)
     if precision not in PRECISIONS:
@@ -133,11 +136,11 @@ def create_backend(
     if name == "onnxruntime":
         from .onnx_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(network, dev, precision, max_batch, cache, bundle.model_checksum)
+        return OnnxRuntimeBackend(network, dev, precision, max_batch, cache, bundle.model_checksum, threads)
     if name == "openvino":
         from .openvino_backend import OpenVINOBackend
 
-        return OpenVINOBackend(network, dev, precision, max_batch, cache, bundle.model_checksum, target=openvino_device)
+        return OpenVINOBackend(network, dev, precision, max_batch, cache, bundle.model_checksum, threads, openvino_device)
     from .tensorrt_backend import TensorRTBackend
 
     return TensorRTBackend(network, dev, precision, max_batch, cache, bundle.model_checksum)
