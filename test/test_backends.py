@@ -400,10 +400,30 @@ def test_threads_reach_every_cpu_backend(tiny_bundle, tmp_path, threads):
         PredictorOptions(threads=-1)
 
 
-def test_auto_takes_eager_pytorch_on_the_cpu_and_any_backend_can_be_named():
-    assert available_backends("cpu")["onnxruntime"] is None
-    assert choose_backend("auto", "cpu") == "torch"
+def test_auto_on_the_cpu_takes_openvino_then_eager_pytorch_and_keeps_the_precision(monkeypatch):
+    """fp32: OpenVINO where installed (measured fastest, factory.AUTO_ORDER), else eager PyTorch, not
+    ONNX Runtime; bf16 on a CPU without bf16 passes OpenVINO over for eager PyTorch's autocast rather
+    than running another precision; int8: ONNX Runtime, else OpenVINO. Any backend can be named."""
+    from uncertain_seg_ros.inference import factory
+
+    assert available_backends("cpu")["onnxruntime"] is None and available_backends("cpu")["openvino"] is None
+    assert choose_backend("auto", "cpu") == choose_backend("auto", "cpu", "fp32") == "openvino"
     assert choose_backend("onnxruntime", "cpu") == "onnxruntime"
+    import openvino as ov
+
+    has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert choose_backend("auto", "cpu", "bf16") == ("openvino" if has_bf16 else "torch")
+    assert choose_backend("auto", "cpu", "int8") == "onnxruntime"
+    real_has = factory._has
+    monkeypatch.setattr(factory, "_has", lambda module: module != "onnxruntime" and real_has(module))
+    assert choose_backend("auto", "cpu", "int8") == "openvino"
+    monkeypatch.setattr(factory, "_has", lambda module: module != "openvino" and real_has(module))
+    assert choose_backend("auto", "cpu") == "torch"
+
+
+def test_auto_predictor_on_the_cpu_runs_openvino_at_the_requested_precision(tiny_bundle, tmp_path):
+    predictor = Predictor(load_bundle(tiny_bundle), PredictorOptions(backend="auto", cache_dir=str(tmp_path)))
+    assert predictor.backend.name == "openvino" and predictor.backend.precision == "fp32"
 
 
 def test_unavailable_backends_say_why():
