@@ -102,19 +102,22 @@ def _inference_ms(row: dict) -> float:
 
 def auto_lines(run: dict) -> list[str]:
     """Which backend ``auto`` picks per precision here, beside the fastest one measured at that precision
-    (batch 1, no competing load, labels >= the bar); where they differ, factory.AUTO_ORDER is what to change."""
+    (batch 1, no competing load, each backend at its fastest thread count, labels >= the bar); where
+    they differ, factory.AUTO_ORDER is what to change."""
     lines, agreements = [], _agreements(run["rows"])
+    unloaded = [r for group in _unloaded_batch_1(run["rows"]).values() for r in group]
     for precision, picked in (run.get("auto") or {}).items():
-        for threads, rows in sorted(_unloaded_batch_1(run["rows"]).items()):
-            ok = [r for r in rows if r["precision"] == precision
-                  and agreements.get((r["backend"], precision), {}).get("label_agreement", 0) >= TARGET_AGREEMENT]
-            if not ok:
-                continue
-            best = min(ok, key=_inference_ms)
-            verdict = "the same" if best["backend"] == picked else "they differ: factory.AUTO_ORDER is what to change"
-            lines.append(f"auto picks {picked} for {precision} (factory.AUTO_ORDER, an order from measurements); fastest "
-                         f"{precision} here with labels >= {TARGET_AGREEMENT:.1%} as fp32, batch 1, {threads} thread(s), no "
-                         f"competing load: {best['backend']} ({_ms(_inference_ms(best))} ms); {verdict}")
+        ok = [r for r in unloaded if r["precision"] == precision
+              and agreements.get((r["backend"], precision), {}).get("label_agreement", 0) >= TARGET_AGREEMENT]
+        if not ok:
+            continue
+        best = min(ok, key=_inference_ms)
+        mine = min((r for r in ok if r["backend"] == picked), key=_inference_ms, default=None)
+        verdict = "the same" if best["backend"] == picked else "they differ: factory.AUTO_ORDER is what to change"
+        lines.append(f"auto picks {picked} for {precision} (factory.AUTO_ORDER, an order from measurements)"
+                     + (f", {_ms(_inference_ms(mine))} ms here" if mine else "")
+                     + f"; fastest {precision} with labels >= {TARGET_AGREEMENT:.1%} as fp32 (batch 1, no competing load): "
+                     f"{best['backend']}, {best['threads']} thread(s), {_ms(_inference_ms(best))} ms; {verdict}")
     return lines
 
 
@@ -126,31 +129,37 @@ def targets(run: dict) -> list[dict]:
     """The issue's targets that apply to this run, each with the measured figure and whether it is met."""
     rows, out = run["rows"], []
     if run["device"] == "cpu":
-        eager = {(r["batch"], r["threads"]): r for r in rows
-                 if r["backend"] == "torch" and r["precision"] == "fp32" and r["load_cores"] == 0}
+        # against eager at its fastest thread count: a thread pool that collapses under the machine's
+        # other load is no baseline (eager with 2 threads on a busy 2-core CPU: 12x its 1-thread time)
+        eager: dict[int, dict] = {}
         for r in rows:
-            base = eager.get((r["batch"], r["threads"]))
+            if r["backend"] == "torch" and r["precision"] == "fp32" and r["load_cores"] == 0:
+                if r["batch"] not in eager or _inference_ms(r) < _inference_ms(eager[r["batch"]]):
+                    eager[r["batch"]] = r
+        for r in rows:
+            base = eager.get(r["batch"])
             if r["backend"] == "onnxruntime" and r["load_cores"] == 0 and base:
-                ratio = r["speedup_vs_torch_fp32"]["inference"]
+                ratio = _inference_ms(base) / _inference_ms(r)
                 out.append({"target": f"CPU: ONNX Runtime >= {TARGET_CPU_ORT_SPEEDUP}x faster than PyTorch eager "
-                                      f"(inference, ONNX Runtime {r['precision']} vs eager fp32, batch {r['batch']}, "
-                                      f"{r['threads']} thread(s))",
+                                      f"(inference, ONNX Runtime {r['precision']} with {r['threads']} thread(s) vs eager "
+                                      f"fp32 with {base['threads']}, batch {r['batch']})",
                             "measured": f"{ratio:.2f}x ({_ms(_inference_ms(base))} ms -> {_ms(_inference_ms(r))} ms)",
                             "met": ratio >= TARGET_CPU_ORT_SPEEDUP})
         agreements = _agreements(rows)
-        for threads, group in sorted(_unloaded_batch_1(rows).items()):
-            base = eager.get((1, threads))
-            ok = [r for r in group if agreements.get((r["backend"], r["precision"]), {}).get("label_agreement", 0)
-                  >= TARGET_AGREEMENT]
-            if base and ok:
-                best = min(ok, key=_inference_ms)
-                ratio = _inference_ms(base) / _inference_ms(best)
-                out.append({"target": f"CPU: the best backend >= {TARGET_CPU_BEST_SPEEDUP:g}x PyTorch eager fp32 with labels "
-                                      f">= {TARGET_AGREEMENT:.1%} as fp32 ({run['model']['name']}, inference, batch 1, "
-                                      f"{threads} thread(s), no competing load)",
-                            "measured": f"{best['backend']} {best['precision']}: {ratio:.2f}x ({_ms(_inference_ms(base))} ms "
-                                        f"-> {_ms(_inference_ms(best))} ms)",
-                            "met": ratio >= TARGET_CPU_BEST_SPEEDUP})
+        unloaded = [r for group in _unloaded_batch_1(rows).values() for r in group]
+        eagers = [r for r in unloaded if r["backend"] == "torch" and r["precision"] == "fp32"]
+        ok = [r for r in unloaded
+              if agreements.get((r["backend"], r["precision"]), {}).get("label_agreement", 0) >= TARGET_AGREEMENT]
+        if eagers and ok:
+            base, best = min(eagers, key=_inference_ms), min(ok, key=_inference_ms)
+            ratio = _inference_ms(base) / _inference_ms(best)
+            out.append({"target": f"CPU: the best backend >= {TARGET_CPU_BEST_SPEEDUP:g}x PyTorch eager fp32 with labels "
+                                  f">= {TARGET_AGREEMENT:.1%} as fp32 ({run['model']['name']}, inference, batch 1, each "
+                                  "at its fastest thread count, no competing load)",
+                        "measured": f"{best['backend']} {best['precision']}, {best['threads']} thread(s): {ratio:.2f}x "
+                                    f"(eager, {base['threads']} thread(s), {_ms(_inference_ms(base))} ms -> "
+                                    f"{_ms(_inference_ms(best))} ms)",
+                        "met": ratio >= TARGET_CPU_BEST_SPEEDUP})
     else:
         for r in rows:
             ratio = r.get("e2e_over_inference")

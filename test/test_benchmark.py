@@ -19,7 +19,7 @@ from conftest import REPO, installed_script, tiny_model_config
 from uncertain_seg_benchmarks import inference as inference_benchmark
 from uncertain_seg_benchmarks.cpu_load import CompetingLoad
 from uncertain_seg_benchmarks.inference import BenchmarkConfig, run_benchmark
-from uncertain_seg_benchmarks.inference_report import SCHEMA, SCHEMA_1, markdown, table
+from uncertain_seg_benchmarks.inference_report import SCHEMA, SCHEMA_1, auto_lines, markdown, table, targets
 from uncertain_seg_benchmarks.profiling import (
     STAGES, CameraPayload, OtherLoad, agreement, predictor_stages, summarize, time_pipelines, time_stages)
 from uncertain_seg_benchmarks.roofline import DevicePeak, count_flops, floor_seconds, measure_peak, network_cost
@@ -316,6 +316,30 @@ def test_cli_under_competing_load_records_threads_and_load(tiny_bundle, tmp_path
     assert doc["schema"] == SCHEMA and len(doc["runs"]) == 2
     assert {r["threads"] for r in doc["runs"][0]["rows"]} == {run["environment"]["torch_threads"]}
     assert {r["load_cores"] for r in doc["runs"][0]["rows"]} == {0} and markdown(doc).count("\n## ") == 3
+
+
+def test_cpu_targets_take_eager_at_its_fastest_thread_count_and_say_what_auto_picks():
+    """Eager with 2 threads on a busy CPU (12x its 1-thread time here) is no baseline: the 3x target is
+    best against best, without competing load, among rows whose labels meet the bar; int8 below the bar
+    does not count, however fast."""
+    def row(backend, precision, threads, ms, load=0, agree=None):
+        r = {"backend": backend, "precision": precision, "batch": 1, "threads": threads, "load_cores": load,
+             "stages": {"inference": {"median_ms": ms}}}
+        if agree is not None:
+            r["agreement"] = {"label_agreement": agree, "frames": 5, "worst_frame": agree, "max_uncertainty_diff": 0.0}
+        return r
+
+    rows = [row("torch", "fp32", 1, 75.0, agree=1.0), row("torch", "fp32", 2, 930.0),
+            row("openvino", "fp32", 1, 25.0, agree=1.0), row("openvino", "fp32", 2, 30.0),
+            row("onnxruntime", "int8", 1, 10.0, agree=0.99), row("openvino", "fp32", 1, 5.0, load=1)]
+    run = {"device": "cpu", "rows": rows, "model": {"name": "demo"}, "auto": {"fp32": "openvino"}}
+    best = [t for t in targets(run) if "best backend" in t["target"]]
+    assert len(best) == 1 and best[0]["met"] and best[0]["measured"].startswith("openvino fp32, 1 thread(s): 3.00x")
+    ort = [t for t in targets(run) if "ONNX Runtime >=" in t["target"]]
+    assert [t["measured"].split(" ")[0] for t in ort] == ["7.50x"]  # against eager's 75 ms, not 930
+    assert auto_lines(run) == ["auto picks openvino for fp32 (factory.AUTO_ORDER, an order from measurements), 25.0 ms "
+                               "here; fastest fp32 with labels >= 99.5% as fp32 (batch 1, no competing load): openvino, "
+                               "1 thread(s), 25.0 ms; the same"]
 
 
 def test_cli_through_a_real_ros_graph(tiny_bundle, tmp_path):
