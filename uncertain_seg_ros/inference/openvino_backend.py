@@ -34,7 +34,6 @@ from .network import DEPLOYED_FORM, DeployedNetwork, export_program, exportable
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.xml"
-WEIGHTS_FILE = "model.bin"
 # precision -> (OpenVINO's inference precision hint, the optimisation capability the device must report)
 PRECISION_HINTS = {"fp32": ("f32", "FP32"), "bf16": ("bf16", "BF16"), "fp16": ("f16", "FP16"), "int8": ("f32", "FP32")}
 INT8_SCHEME = "weights int8 per channel (nncf.compress_weights INT8_ASYM), activations float or quantised per call"
