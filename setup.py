@@ -11,6 +11,8 @@ README = Path(__file__).resolve().parent / "README.md"
 # workspace provides them otherwise). The message packages are pinned to Jazzy's 5.3.x.
 ROS_WHEELS = ["ros-jazzy-rclpy[fastrtps]", "ros-sensor-msgs==5.3.6", "ros-std-msgs==5.3.6", "ros-diagnostic-msgs==5.3.6"]
 ONNX = ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.3"]  # onnxscript: the TorchDynamo ONNX exporter
+# nncf: the openvino backend's int8 weights. Floors: the versions the backend was tested with.
+OPENVINO = ["openvino>=2026.4", "nncf>=3.4"]
 # The floors installed from folders of their own: training imports the core; benchmarks import all.
 PACKAGE_DIRS = {"uncertain_seg_training": "training", "uncertain_seg_benchmarks": "benchmarks"}
 
@@ -68,8 +70,9 @@ setup(
         "ros": ROS_WHEELS,
         "train": ["matplotlib>=3.6"],
         "onnx": ONNX,
+        "openvino": OPENVINO,
         "tensorrt": ["torch-tensorrt>=2.9"],
-        "test": ["pytest>=7", "scikit-learn>=1.2", "matplotlib>=3.6", *ROS_WHEELS, *ONNX],
+        "test": ["pytest>=7", "scikit-learn>=1.2", "matplotlib>=3.6", *ROS_WHEELS, *ONNX, *OPENVINO],
     },
     entry_points={
         "console_scripts": [

@@ -35,8 +35,8 @@ def _benchmark(args: argparse.Namespace) -> int:
         batch_window_ms=args.batch_window,
         agreement_frames=args.agreement_frames, outputs=tuple(args.outputs), skip_ros=args.skip_ros,
         cache_dir=args.cache, domain_id=args.domain_id, fastdds_profile=args.fastdds_profile or None,
-        timeout_s=args.timeout,
-        work_dir=Path(args.work) if args.work else None, note=args.note)
+        timeout_s=args.timeout, threads=tuple(args.threads or ()), load_cores=tuple(args.load_cores),
+        load_max_s=args.load_max_seconds, work_dir=Path(args.work) if args.work else None, note=args.note)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the node process is stopped too
     run = run_benchmark(cfg)
     print(table(run))
@@ -54,16 +54,31 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         options=_benchmark_options)
 
 
+def _count(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
 def _benchmark_options(p: argparse.ArgumentParser) -> None:
     """Added only when ``benchmark`` runs: its choices come from the inference package, which imports torch."""
     from uncertain_seg_ros.inference import BACKENDS, OUTPUT_KINDS, PRECISIONS
 
+    from .cpu_load import DEFAULT_MAX_SECONDS
     from .profiling import PAYLOAD_ENCODINGS
 
     p.description = ("Measures, on real camera frames, the node's path per stage (decode, preprocess, inference, "
                      "postprocess, message conversion, publish: median and p95) and end to end through a real ROS 2 "
                      "graph (perception_node in its own process, latency at a fixed rate and back-to-back throughput), "
-                     "for each backend and precision, at batch 1 and with --cameras cameras; label agreement with "
+                     "for each backend and precision, at batch 1 and with --cameras cameras, for each --threads count and "
+                     "--load-cores competing load; label agreement with "
                      "PyTorch fp32 eager; and the floor: the network's FLOPs and bytes against the device's measured "
                      "peak. Prints a table, writes JSON / Markdown / a chart. Backends that cannot run here are listed "
                      "with the reason. Example (GPU): uncertain-seg benchmark --device cuda --model "
@@ -94,6 +109,17 @@ def _benchmark_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agreement-frames", type=int, default=None, help="frames for label agreement (default: all)")
     p.add_argument("--outputs", nargs="+", default=list(OUTPUT_KINDS), choices=OUTPUT_KINDS,
                    help="outputs subscribed to and computed (default: all)")
+    p.add_argument("--threads", nargs="+", type=_count(1), default=None, metavar="N",
+                   help="CPU thread counts to measure, each for every backend (PyTorch's, ONNX Runtime's and OpenVINO's "
+                        "threads; the node gets -p threads:=N and OMP_NUM_THREADS=N); default: this process's PyTorch "
+                        "setting, the node its own")
+    p.add_argument("--load-cores", nargs="+", type=_count(0), default=[0], metavar="N",
+                   help="competing loads to measure under: N other processes busy-looping, one core each, started before "
+                        "each measurement (stage timing, each end-to-end run) and stopped after it, e.g. --load-cores 0 1 "
+                        "(default: 0, no competing load)")
+    p.add_argument("--load-max-seconds", type=float, default=DEFAULT_MAX_SECONDS, metavar="S",
+                   help="each competing process stops itself after this long even if the benchmark is killed; a "
+                        f"measurement that outlasts it is marked (default: {DEFAULT_MAX_SECONDS:g})")
     p.add_argument("--skip-ros", action="store_true", help="stage timings only: no message conversion, publishing or node")
     p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     p.add_argument("--markdown", default=None, metavar="PATH", help="write a Markdown report")

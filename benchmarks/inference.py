@@ -13,7 +13,10 @@ batch N (N cameras, which the node batches into one network call):
 3. Label agreement with PyTorch fp32 eager on the frames, and the roofline floor of the network
    (FLOPs and bytes against the device's measured peak).
 
-Backends or precisions that cannot run here are reported with the reason, not dropped.
+All of it for each ``threads`` value (the node's thread count: PyTorch's, ONNX Runtime's and
+OpenVINO's) and each competing load (``load_cores`` other processes busy-looping during each
+measurement, see :mod:`.cpu_load`), so that the defaults for a CPU other nodes share come from
+measurements. Backends or precisions that cannot run here are reported with the reason, not dropped.
 """
 import logging
 import os
@@ -38,6 +41,7 @@ from uncertain_seg_ros.inference import (
     Predictor,
     PredictorOptions,
     available_backends,
+    choose_backend,
     default_cache_dir,
 )
 from uncertain_seg_ros.inference.network import DeployedNetwork
@@ -45,6 +49,7 @@ from uncertain_seg_ros.model import SegmenterConfig, UncertainSegmenter, backbon
 from uncertain_seg_ros.resources import resolve_bundle
 from uncertain_seg_ros.ros.dds_transport import large_image_profile, transport_settings, use_transport_profile
 
+from .cpu_load import DEFAULT_MAX_SECONDS, CompetingLoad
 from .profiling import (
     CameraPayload,
     OtherLoad,
@@ -87,6 +92,11 @@ class BenchmarkConfig:
     fastdds_profile: str | None = "shipped"
     timeout_s: float = 600.0
     work_dir: Path | None = None
+    threads: tuple[int, ...] = ()
+    """Thread counts to measure (empty: the process's PyTorch setting only, not passed to the node)."""
+    load_cores: tuple[int, ...] = (0,)
+    """Competing loads to measure under: this many other processes busy-looping, one core each."""
+    load_max_s: float = DEFAULT_MAX_SECONDS
     note: str = ""
     command: str = field(default_factory=lambda: " ".join(["uncertain-seg", *sys.argv[1:]]))
 
@@ -98,7 +108,7 @@ class BenchmarkConfig:
             return self.precisions
         if self.resolved_device().startswith("cuda"):
             return ("fp32", "fp16", "bf16")
-        return ("fp32", "int8") if "onnxruntime" in self.backends else ("fp32",)
+        return ("fp32", "int8") if {"onnxruntime", "openvino"} & set(self.backends) else ("fp32",)
 
 
 def random_bundle(spec: str, folder: Path, num_classes: int = 11) -> Path:
@@ -134,12 +144,11 @@ def environment() -> dict:
            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    try:
-        import onnxruntime
-
-        env["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
+    for library in ("onnxruntime", "openvino"):
+        try:
+            env[library] = __import__(library).__version__
+        except ImportError:
+            pass
     for var in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "RMW_IMPLEMENTATION"):
         env[var] = os.environ.get(var)
     return env
@@ -239,8 +248,15 @@ class RosBench:
                                    f"messages not received after {timeout:.0f} s")
 
     def graph(self, model: Path, backend: str, precision: str, device: str, cameras: int,
-              payloads: list[CameraPayload], cfg: BenchmarkConfig, log_path: Path) -> dict:
-        """perception_node in its own process on ``cameras`` topics: latency at a paced rate, then throughput."""
+              payloads: list[CameraPayload], cfg: BenchmarkConfig, log_path: Path, threads: int | None = None,
+              load_cores: int = 0) -> dict:
+        """perception_node in its own process on ``cameras`` topics: latency at a paced rate, then throughput.
+
+        ``threads`` (when given) goes to the node as its ``threads`` parameter and as OMP_NUM_THREADS
+        in its environment, so the node runs that many threads whether or not its version has the
+        parameter. ``load_cores`` busy processes run from the first frame to the last, so the paced
+        rate is set from the node's speed under that load.
+        """
         import rclpy
 
         from uncertain_seg_ros.ros.demo import ServingMonitor, start_node, stop_node
@@ -254,7 +270,11 @@ class RosBench:
                   "input_qos": "reliable", "input_depth": "2", "outputs": f"[{','.join(cfg.outputs)}]",
                   "diagnostics_period": "0.25", "engine_cache": str(cfg.cache_dir or default_cache_dir()),
                   "batch_window_ms": str(float(cfg.batch_window_ms))}
-        proc = start_node(params, log_path)
+        env = None
+        if threads is not None:
+            params["threads"] = str(threads)
+            env = {"OMP_NUM_THREADS": str(threads)}
+        proc = start_node(params, log_path, env)
         node = rclpy.create_node(f"uncertain_seg_benchmark_probe{self._runs}", context=self.context)
         self.executor.add_node(node)
         try:
@@ -270,22 +290,23 @@ class RosBench:
             per_camera = min(cfg.e2e_frames, max(1, len(payloads) // cameras))
             frames = [[payload_message(payloads[(r * cameras + c) % len(payloads)]) for r in range(per_camera)]
                       for c in range(cameras)]
-            probe.first_answer(frames, cfg.timeout_s)
-            rounds = max(3, cfg.warmup)
-            single = probe.round_trip(frames, rounds, timeout=cfg.timeout_s).duration_s / rounds
-            wait = max(30.0, 20 * single)
-            rate = cfg.rate_hz or 0.5 / single
-            log.info("node answers a round of %d frame(s) in %.1f ms unloaded; latency at %.2f Hz, throughput at %.2f Hz",
-                     cameras, single * 1e3, rate, FLOOD_FACTOR / single)
-            with OtherLoad([proc.pid]) as load:
-                paced = probe.paced(frames, cfg.e2e_frames, rate, timeout=wait)
-                batch_size = monitor.batch_size_mean(topics)
-                flood = probe.paced(frames, cfg.e2e_frames, FLOOD_FACTOR / single, timeout=wait)
+            with CompetingLoad(load_cores, cfg.load_max_s) as competing:
+                probe.first_answer(frames, cfg.timeout_s)
+                rounds = max(3, cfg.warmup)
+                single = probe.round_trip(frames, rounds, timeout=cfg.timeout_s).duration_s / rounds
+                wait = max(30.0, 20 * single)
+                rate = cfg.rate_hz or 0.5 / single
+                log.info("node answers a round of %d frame(s) in %.1f ms (%d competing busy cores); latency at %.2f Hz, "
+                         "throughput at %.2f Hz", cameras, single * 1e3, load_cores, rate, FLOOD_FACTOR / single)
+                with OtherLoad([proc.pid]) as load:
+                    paced = probe.paced(frames, cfg.e2e_frames, rate, timeout=wait)
+                    batch_size = monitor.batch_size_mean(topics)
+                    flood = probe.paced(frames, cfg.e2e_frames, FLOOD_FACTOR / single, timeout=wait)
             return {"latency": summarize(paced.latencies), "latencies_ms": [round(v * 1e3, 2) for v in paced.latencies],
                     "rate_hz": rate, "sent": paced.sent, "answered": paced.answered,
                     "lost": paced.lost, "batch_size_mean": batch_size, "throughput_fps": flood.fps,
                     "other_load_cores": load.cores,
-                    "steal_cores": load.steal,
+                    "steal_cores": load.steal, "load_busy_cores": competing.busy_cores, "load_held": competing.held,
                     "throughput_run": {"rate_hz": FLOOD_FACTOR / single, "sent": flood.sent, "answered": flood.answered,
                                        "lost": flood.lost, "duration_s": flood.duration_s,
                                        "latency": summarize(flood.latencies)}}
@@ -302,21 +323,24 @@ def _tail(path: Path, n: int = 1500) -> str:
         return f"(no log at {path})"
 
 
-def _predictor(bundle, backend: str, precision: str, device: str, batch: int, cfg: BenchmarkConfig):
-    """A Predictor as the node builds it for ``batch`` cameras, or the reason it cannot run."""
+def _predictor(bundle, backend: str, precision: str, device: str, batch: int, threads: int, cfg: BenchmarkConfig):
+    """A Predictor as the node builds it for ``batch`` cameras and ``threads`` threads, or the reason it cannot run."""
     try:
         return Predictor(bundle, PredictorOptions(device, precision, backend=backend, max_batch=batch,
-                                                  cache_dir=cfg.cache_dir)), None
+                                                  cache_dir=cfg.cache_dir, threads=threads)), None
     except (BackendUnavailable, ValueError, ImportError) as exc:
         return None, str(exc)
 
 
 def run_benchmark(cfg: BenchmarkConfig) -> dict:
-    """Measure every requested backend x precision at batch 1 and ``cfg.cameras``; the results as a dict."""
+    """Measure every requested backend x precision at batch 1 and ``cfg.cameras``, for every competing
+    load and thread count; the results as a dict."""
     device = cfg.resolved_device()
     precisions = cfg.resolved_precisions()
     batches = sorted({1, cfg.cameras})
     availability = available_backends(device)
+    process_threads = torch.get_num_threads()
+    thread_counts = cfg.threads or (process_threads,)
     with tempfile.TemporaryDirectory(prefix="uncertain_seg_benchmark_") as tmp:
         model_path = random_bundle(cfg.model, Path(tmp)) if cfg.model.startswith(RANDOM_PREFIX) else resolve_bundle(cfg.model)
         work = Path(cfg.work_dir) if cfg.work_dir else Path(tmp)
@@ -337,20 +361,24 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         env.update(transport_settings())  # after RosBench, which may set the profile
         skipped = [{"backend": b, "precision": "*", "reason": availability[b]} for b in cfg.backends if availability.get(b)]
         runnable = [(b, p) for b in cfg.backends if not availability.get(b) for p in precisions]
-        rows = []
+        rows, agreed = [], set()
         try:
-            for batch in batches:
-                new = _measure_batch(bundle, runnable, device, batch, payloads, check, reference, ros, cfg, skipped)
-                for row in new:
-                    cost = costs[(row["precision"], batch)]
-                    row.update(cost={"flops": cost.flops, "int8_flops": cost.int8_flops, "bytes": cost.bytes,
-                                     "weight_bytes": cost.weight_bytes},
-                               floor=floor_seconds(cost, peak, row["precision"]))
-                    if ros is not None:
-                        row["e2e"] = _graph(ros, model_path, row, device, payloads, cfg, work)
-                rows += new
-                runnable = [(r["backend"], r["precision"]) for r in new]
+            for load_cores in cfg.load_cores:
+                for threads in thread_counts:
+                    for batch in batches:
+                        new = _measure_batch(bundle, runnable, device, batch, threads, load_cores, payloads, check,
+                                             reference, ros, cfg, skipped, agreed)
+                        for row in new:
+                            cost = costs[(row["precision"], batch)]
+                            row.update(cost={"flops": cost.flops, "int8_flops": cost.int8_flops, "bytes": cost.bytes,
+                                             "weight_bytes": cost.weight_bytes},
+                                       floor=floor_seconds(cost, peak, row["precision"]))
+                            if ros is not None:
+                                row["e2e"] = _graph(ros, model_path, row, device, payloads, cfg, work)
+                        rows += new
+                        runnable = [(r["backend"], r["precision"]) for r in new]
         finally:
+            torch.set_num_threads(process_threads)
             if ros is not None:
                 ros.close()
         _relative_to_eager(rows)
@@ -363,20 +391,33 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         "frames": {"folders": [str(f) for f in cfg.frames], "count": len(frames), "camera_hw": list(frames[0].shape[:2]),
                    "encoding": cfg.encoding, "agreement_frames": len(check)},
         "outputs": list(cfg.outputs), "cameras": cfg.cameras,
+        "threads": list(thread_counts), "threads_passed_to_node": bool(cfg.threads), "load_cores": list(cfg.load_cores),
+        "load_max_s": cfg.load_max_s, "auto": {p: _auto(device, p) for p in precisions},
         "batch_window_ms": None if cfg.skip_ros else cfg.batch_window_ms, "iterations": cfg.iterations, "warmup": cfg.warmup,
         "e2e_frames": None if cfg.skip_ros else cfg.e2e_frames,
         "backends_available": availability, "skipped": skipped, "rows": rows,
     }
 
 
-def _measure_batch(bundle, runnable: list[tuple[str, str]], device: str, batch: int, payloads, check, reference,
-                   ros: RosBench | None, cfg: BenchmarkConfig, skipped: list[dict]) -> list[dict]:
-    """Rows of every runnable backend x precision at ``batch``: stage timings measured interleaved
-    (see :func:`time_pipelines`), and agreement with the reference at the largest batch."""
+def _auto(device: str, precision: str) -> str:
+    """The backend ``auto`` takes here for ``precision``, or why none."""
+    try:
+        return choose_backend("auto", device, precision)
+    except BackendUnavailable as exc:
+        return f"none: {exc}"
+
+
+def _measure_batch(bundle, runnable: list[tuple[str, str]], device: str, batch: int, threads: int, load_cores: int,
+                   payloads, check, reference, ros: RosBench | None, cfg: BenchmarkConfig, skipped: list[dict],
+                   agreed: set) -> list[dict]:
+    """Rows of every runnable backend x precision at ``batch`` with ``threads`` threads, ``load_cores``
+    competing busy processes running during the timing: stage timings measured interleaved (see
+    :func:`time_pipelines`), and agreement with the reference at the largest batch, once per backend
+    and precision (``agreed``)."""
     predictors = {}
     for backend, precision in runnable:
-        log.info("%s %s x%d: building the predictor", backend, precision, batch)
-        predictor, reason = _predictor(bundle, backend, precision, device, batch, cfg)
+        log.info("%s %s x%d, %d thread(s): building the predictor", backend, precision, batch, threads)
+        predictor, reason = _predictor(bundle, backend, precision, device, batch, threads, cfg)
         if predictor is None:
             log.warning("%s %s: skipped: %s", backend, precision, reason)
             skipped.append({"backend": backend, "precision": precision, "reason": reason})
@@ -388,40 +429,50 @@ def _measure_batch(bundle, runnable: list[tuple[str, str]], device: str, batch: 
         if ros is not None:
             pipelines[key] += ros.stages(cfg.outputs, "mono8" if predictor.label_dtype == np.uint8 else "mono16")
     rounds = [[payloads[(i * batch + j) % len(payloads)] for j in range(batch)] for i in range(cfg.warmup + cfg.iterations)]
-    with OtherLoad() as load:
-        samples = time_pipelines(pipelines, rounds, device, cfg.warmup, desc=f"batch {batch}: stages, interleaved",
-                                 settle=None if ros is None else ros.drain)
+    with CompetingLoad(load_cores, cfg.load_max_s) as competing, OtherLoad() as load:
+        samples = time_pipelines(pipelines, rounds, device, cfg.warmup, settle=None if ros is None else ros.drain,
+                                 desc=f"batch {batch}, {threads} thread(s), {load_cores} busy core(s): stages, interleaved")
     rows = []
     for (backend, precision), predictor in predictors.items():
         s = samples[(backend, precision)]
-        row = {"backend": backend, "precision": precision, "batch": batch, "describe": predictor.backend.describe(),
+        row = {"backend": backend, "precision": precision, "batch": batch, "threads": threads, "load_cores": load_cores,
+               "describe": predictor.backend.describe(),
                "stages": {name: summarize(v) for name, v in s.items() if name != "total"}, "pipeline": summarize(s["total"]),
-               "other_load_cores": load.cores, "steal_cores": load.steal}
+               "other_load_cores": load.cores, "steal_cores": load.steal, "load_busy_cores": competing.busy_cores,
+               "load_held": competing.held}
         row["pipeline_fps"] = batch * 1e3 / row["pipeline"]["median_ms"]
-        if batch == max(1, cfg.cameras):
+        if batch == max(1, cfg.cameras) and (backend, precision) not in agreed:
             outputs = reference_outputs(predictor, check, batch, desc=f"{backend} {precision} x{batch}: agreement")
             row["agreement"] = agreement(reference, outputs)
+            agreed.add((backend, precision))
         rows.append(row)
     return rows
 
 
 def _graph(ros: RosBench, model_path: Path, row: dict, device: str, payloads, cfg: BenchmarkConfig, work: Path) -> dict:
     """The row's backend and precision end to end through perception_node, or the error."""
-    backend, precision, batch = row["backend"], row["precision"], row["batch"]
-    log.info("%s %s x%d: perception_node end to end", backend, precision, batch)
+    backend, precision, batch, threads, load = row["backend"], row["precision"], row["batch"], row["threads"], row["load_cores"]
+    log.info("%s %s x%d, %d thread(s), %d busy core(s): perception_node end to end", backend, precision, batch, threads, load)
     try:
         return ros.graph(model_path, backend, precision, device, batch, payloads, cfg,
-                         work / f"node_{backend}_{precision}_x{batch}.log")
+                         work / f"node_{backend}_{precision}_x{batch}_t{threads}_l{load}.log",
+                         threads if cfg.threads else None, load)
     except (RuntimeError, TimeoutError) as exc:
         log.error("%s %s x%d: end-to-end run failed: %s", backend, precision, batch, exc)
         return {"error": str(exc)}
 
 
+def _group(row: dict) -> tuple[int, int, int]:
+    """Rows measured together, interleaved: same batch, thread count and competing load."""
+    return row["batch"], row["threads"], row["load_cores"]
+
+
 def _relative_to_eager(rows: list[dict]) -> None:
-    """Speed-up of each row's inference and end-to-end latency over torch fp32 eager at the same batch."""
-    eager = {r["batch"]: r for r in rows if r["backend"] == "torch" and r["precision"] == "fp32"}
+    """Speed-up of each row's inference and end-to-end latency over torch fp32 eager measured with it
+    (same batch, threads and competing load)."""
+    eager = {_group(r): r for r in rows if r["backend"] == "torch" and r["precision"] == "fp32"}
     for r in rows:
-        base = eager.get(r["batch"])
+        base = eager.get(_group(r))
         infer = r["stages"]["inference"]["median_ms"]
         r["speedup_vs_torch_fp32"] = {"inference": base["stages"]["inference"]["median_ms"] / infer if base else None,
                                       "pipeline": base["pipeline"]["median_ms"] / r["pipeline"]["median_ms"] if base else None}

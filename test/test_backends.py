@@ -376,10 +376,54 @@ def test_torch_compile_matches_eager_on_the_cpu(tiny_bundle):
     assert agreement == 1.0 and diff < 1e-4 and np.array_equal(out[2].labels, ref[0].labels)
 
 
-def test_auto_takes_eager_pytorch_on_the_cpu_and_any_backend_can_be_named():
-    assert available_backends("cpu")["onnxruntime"] is None
-    assert choose_backend("auto", "cpu") == "torch"
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_reach_every_cpu_backend(tiny_bundle, tmp_path, threads):
+    """``threads`` sets PyTorch's process-wide count (eager, pre- and post-processing), ONNX Runtime's
+    intra-op pool and OpenVINO's INFERENCE_NUM_THREADS; 0 keeps the process's setting."""
+    bundle = load_bundle(tiny_bundle)
+    before = torch.get_num_threads()
+    try:
+        Predictor(bundle, PredictorOptions(backend="torch", threads=threads))
+        assert torch.get_num_threads() == threads
+        ort = Predictor(bundle, PredictorOptions(backend="onnxruntime", threads=threads, cache_dir=str(tmp_path)))
+        assert ort.backend.session.get_session_options().intra_op_num_threads == threads
+        if available_backends("cpu")["openvino"] is None:
+            ov = Predictor(bundle, PredictorOptions(backend="openvino", threads=threads, cache_dir=str(tmp_path)))
+            assert ov.backend.compiled.get_property("INFERENCE_NUM_THREADS") == threads
+            assert ov.backend.compiled.get_property("ENABLE_CPU_PINNING") is False
+        torch.set_num_threads(3)
+        Predictor(bundle, PredictorOptions(backend="torch", threads=0))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        PredictorOptions(threads=-1)
+
+
+def test_auto_on_the_cpu_takes_openvino_then_eager_pytorch_and_keeps_the_precision(monkeypatch):
+    """fp32: OpenVINO where installed (measured fastest, factory.AUTO_ORDER), else eager PyTorch, not
+    ONNX Runtime; bf16 on a CPU without bf16 passes OpenVINO over for eager PyTorch's autocast rather
+    than running another precision; int8: ONNX Runtime, else OpenVINO. Any backend can be named."""
+    from uncertain_seg_ros.inference import factory
+
+    assert available_backends("cpu")["onnxruntime"] is None and available_backends("cpu")["openvino"] is None
+    assert choose_backend("auto", "cpu") == choose_backend("auto", "cpu", "fp32") == "openvino"
     assert choose_backend("onnxruntime", "cpu") == "onnxruntime"
+    import openvino as ov
+
+    has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert choose_backend("auto", "cpu", "bf16") == ("openvino" if has_bf16 else "torch")
+    assert choose_backend("auto", "cpu", "int8") == "onnxruntime"
+    real_has = factory._has
+    monkeypatch.setattr(factory, "_has", lambda module: module != "onnxruntime" and real_has(module))
+    assert choose_backend("auto", "cpu", "int8") == "openvino"
+    monkeypatch.setattr(factory, "_has", lambda module: module != "openvino" and real_has(module))
+    assert choose_backend("auto", "cpu") == "torch"
+
+
+def test_auto_predictor_on_the_cpu_runs_openvino_at_the_requested_precision(tiny_bundle, tmp_path):
+    predictor = Predictor(load_bundle(tiny_bundle), PredictorOptions(backend="auto", cache_dir=str(tmp_path)))
+    assert predictor.backend.name == "openvino" and predictor.backend.precision == "fp32"
 
 
 def test_unavailable_backends_say_why():
@@ -388,12 +432,12 @@ def test_unavailable_backends_say_why():
     with pytest.raises(BackendUnavailable, match="TensorRT runs on NVIDIA GPUs only"):
         choose_backend("tensorrt", "cpu")
     with pytest.raises(BackendUnavailable, match="unknown backend"):
-        choose_backend("openvino", "cpu")
+        choose_backend("tvm", "cpu")
     with pytest.raises(ValueError, match="bf16 is not supported"):
         create_backend("onnxruntime", load_bundle(DEMO), "cpu", "bf16")
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         create_backend("torch", load_bundle(DEMO), "cpu", "fp16")
-    with pytest.raises(ValueError, match="int8 runs on the onnxruntime backend only"):
+    with pytest.raises(ValueError, match="int8 runs on the onnxruntime and openvino backends only"):
         create_backend("torch", load_bundle(DEMO), "cpu", "int8")
 
 

@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from conftest import REPO, installed_script, tiny_model_config
+from uncertain_seg_benchmarks import inference as inference_benchmark
+from uncertain_seg_benchmarks.cpu_load import CompetingLoad
 from uncertain_seg_benchmarks.inference import BenchmarkConfig, run_benchmark
-from uncertain_seg_benchmarks.inference_report import SCHEMA, markdown, table
+from uncertain_seg_benchmarks.inference_report import SCHEMA, SCHEMA_1, auto_lines, markdown, table, targets
 from uncertain_seg_benchmarks.profiling import (
     STAGES, CameraPayload, OtherLoad, agreement, predictor_stages, summarize, time_pipelines, time_stages)
 from uncertain_seg_benchmarks.roofline import DevicePeak, count_flops, floor_seconds, measure_peak, network_cost
@@ -232,7 +234,7 @@ def test_cli_without_ros_writes_json_markdown_and_chart(tiny_bundle, tmp_path, c
     _check_run(run, STAGES)
     assert {(r["backend"], r["precision"], r["batch"]) for r in run["rows"]} == {
         (b, p, n) for b, p in (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")) for n in (1, 2)}
-    assert "onnxruntime backend only" in {(s["backend"], s["precision"]): s["reason"] for s in run["skipped"]}[("torch", "int8")]
+    assert "onnxruntime and openvino backends only" in {(s["backend"], s["precision"]): s["reason"] for s in run["skipped"]}[("torch", "int8")]
     assert run["frames"]["camera_hw"] == [72, 96] and run["frames"]["count"] == 5
     report = (out / "r.md").read_text()
     assert "| onnxruntime | fp32 | 2 |" in report and "ONNX Runtime >= 1.8x" in report and "No GPU" in report
@@ -240,6 +242,104 @@ def test_cli_without_ros_writes_json_markdown_and_chart(tiny_bundle, tmp_path, c
     assert cli_main([*args, "--backends", "torch", "--cameras", "1", "--append"]) == 0
     doc = json.loads((out / "r.json").read_text())
     assert len(doc["runs"]) == 2 and markdown(doc).count("\n## ") == 3  # two runs and the GPU note
+
+
+def _gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists()
+
+
+def test_competing_load_runs_busy_processes_and_stops_them():
+    with CompetingLoad(2, max_seconds=60) as load:
+        time.sleep(0.5)
+        assert len(load.pids) == 2 and all(p.poll() is None for p in load.procs)
+    assert load.held and load.busy_cores > 0 and all(_gone(pid) for pid in load.pids)
+    with CompetingLoad(0) as none:
+        pass
+    assert none.pids == [] and none.busy_cores is None
+
+
+def test_competing_load_stops_itself_at_its_time_limit():
+    """The hard stop does not depend on the benchmark: each process exits on its own after max_seconds,
+    and a measurement that outlasted it is marked."""
+    with CompetingLoad(1, max_seconds=0.5) as load:
+        time.sleep(2.0)
+        assert load.procs[0].poll() == 0  # exited by itself, not terminated
+    assert not load.held and load.busy_cores is None and _gone(load.pids[0])
+
+
+def test_cli_under_competing_load_records_threads_and_load(tiny_bundle, tmp_path, monkeypatch, capsys):
+    """--threads and --load-cores: one row per backend x thread count x load; the busy processes run
+    during each measurement and none is left afterwards; the report says which backend auto picks.
+    --append reads a schema-1 file as rows with the process's threads and no competing load."""
+    started = []
+
+    class Recorded(CompetingLoad):
+        def __enter__(self):
+            started.append(super().__enter__())
+            return self
+
+    monkeypatch.setattr(inference_benchmark, "CompetingLoad", Recorded)
+    out = tmp_path / "r.json"
+    args = ["benchmark", "--model", str(tiny_bundle), "--device", "cpu", "--backends", "torch", "openvino",
+            "--precisions", "fp32", "--frames", str(SAMPLES), "--camera-size", "96x72", "--cameras", "1",
+            "--iterations", "2", "--warmup", "1", "--skip-ros", "--threads", "1", "2", "--load-cores", "0", "1",
+            "--json", str(out), "--markdown", str(tmp_path / "r.md"), "--cache", str(tmp_path / "cache")]
+    before = torch.get_num_threads()
+    assert cli_main(args) == 0
+    assert torch.get_num_threads() == before  # --threads does not leak into the rest of the process
+    printed = capsys.readouterr().out
+    run = json.loads(out.read_text())["runs"][0]
+    assert {(r["backend"], r["threads"], r["load_cores"]) for r in run["rows"]} == {
+        (b, t, n) for b in ("torch", "openvino") for t in (1, 2) for n in (0, 1)}
+    assert run["threads"] == [1, 2] and run["load_cores"] == [0, 1] and run["threads_passed_to_node"]
+    for row in run["rows"]:
+        if row["load_cores"]:
+            assert row["load_held"] and row["load_busy_cores"] > 0
+        else:
+            assert row["load_busy_cores"] is None
+    assert [len(load.pids) for load in started] == [0, 0, 1, 1]  # one timing per (threads, load) group
+    assert all(_gone(pid) for load in started for pid in load.pids)
+    assert sum(r.get("agreement") is not None for r in run["rows"]) == 2  # once per backend and precision
+    assert run["auto"] == {"fp32": "openvino"}
+    assert "auto picks openvino for fp32" in printed and "thr" in printed.splitlines()[1]
+    assert "| torch | fp32 | 1 | 2 | 1 (" in (tmp_path / "r.md").read_text()
+
+    old = {"schema": SCHEMA_1, "runs": [json.loads(json.dumps(run))]}
+    for key in ("threads", "load_cores", "threads_passed_to_node", "auto"):
+        del old["runs"][0][key]
+    for row in old["runs"][0]["rows"]:
+        for key in ("threads", "load_cores", "load_busy_cores", "load_held"):
+            del row[key]
+    out.write_text(json.dumps(old))
+    assert cli_main([*args[:args.index("--threads")], "--json", str(out), "--append", "--cache", str(tmp_path / "cache")]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == SCHEMA and len(doc["runs"]) == 2
+    assert {r["threads"] for r in doc["runs"][0]["rows"]} == {run["environment"]["torch_threads"]}
+    assert {r["load_cores"] for r in doc["runs"][0]["rows"]} == {0} and markdown(doc).count("\n## ") == 3
+
+
+def test_cpu_targets_take_eager_at_its_fastest_thread_count_and_say_what_auto_picks():
+    """Eager with 2 threads on a busy CPU (12x its 1-thread time here) is no baseline: the 3x target is
+    best against best, without competing load, among rows whose labels meet the bar; int8 below the bar
+    does not count, however fast."""
+    def row(backend, precision, threads, ms, load=0, agree=None):
+        r = {"backend": backend, "precision": precision, "batch": 1, "threads": threads, "load_cores": load,
+             "stages": {"inference": {"median_ms": ms}}}
+        if agree is not None:
+            r["agreement"] = {"label_agreement": agree, "frames": 5, "worst_frame": agree, "max_uncertainty_diff": 0.0}
+        return r
+
+    rows = [row("torch", "fp32", 1, 75.0, agree=1.0), row("torch", "fp32", 2, 930.0),
+            row("openvino", "fp32", 1, 25.0, agree=1.0), row("openvino", "fp32", 2, 30.0),
+            row("onnxruntime", "int8", 1, 10.0, agree=0.99), row("openvino", "fp32", 1, 5.0, load=1)]
+    run = {"device": "cpu", "rows": rows, "model": {"name": "demo"}, "auto": {"fp32": "openvino"}}
+    best = [t for t in targets(run) if "best backend" in t["target"]]
+    assert len(best) == 1 and best[0]["met"] and best[0]["measured"].startswith("openvino fp32, 1 thread(s): 3.00x")
+    ort = [t for t in targets(run) if "ONNX Runtime >=" in t["target"]]
+    assert [t["measured"].split(" ")[0] for t in ort] == ["7.50x"]  # against eager's 75 ms, not 930
+    assert auto_lines(run) == ["auto picks openvino for fp32 (factory.AUTO_ORDER, an order from measurements), 25.0 ms "
+                               "here; fastest fp32 with labels >= 99.5% as fp32 (batch 1, no competing load): openvino, "
+                               "1 thread(s), 25.0 ms; the same"]
 
 
 def test_cli_through_a_real_ros_graph(tiny_bundle, tmp_path):

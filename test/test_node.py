@@ -295,7 +295,7 @@ def test_compressed_transport_and_corrupt_jpeg(graph, tmp_path):
 
 
 @pytest.mark.parametrize("param, value, message", [
-    ("backend", "cuda_magic", "parameter 'backend' is 'cuda_magic'; allowed: auto, torch, torch_compile, onnxruntime, tensorrt"),
+    ("backend", "cuda_magic", "parameter 'backend' is 'cuda_magic'; allowed: auto, torch, torch_compile, onnxruntime, tensorrt, openvino"),
     ("overlay_alpha", "1.5", "parameter 'overlay_alpha' is 1.5; it must be in [0.0, 1.0]"),
     ("batch_window_ms", "-5.0", "parameter 'batch_window_ms' is -5.0; it must be >= 0.0"),
     ("batch_window_ms", "soon", "parameter 'batch_window_ms' is 'soon'; it must be a number"),

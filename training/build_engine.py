@@ -13,12 +13,14 @@ from uncertain_seg_ros.inference import BACKENDS, PRECISIONS, ArtifactCache, cho
 from uncertain_seg_ros.resources import resolve_bundle
 
 
-def build_engine(model: str, backend: str, device: str, precision: str, cameras: int, cache_dir: str | None) -> str:
+def build_engine(model: str, backend: str, device: str, precision: str, cameras: int, cache_dir: str | None,
+                 openvino_device: str = "CPU") -> str:
     """Build (or find) the artefact; returns a one-line description of what is cached where."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    name = choose_backend(backend, device)
+    name = choose_backend(backend, device, precision)
     bundle = load_bundle(resolve_bundle(model), device)
-    built = create_backend(name, bundle, device, precision, cameras, ArtifactCache(cache_dir))
+    built = create_backend(name, bundle, device, precision, cameras, ArtifactCache(cache_dir),
+                           openvino_device=openvino_device)
     key = getattr(built, "key", None)
     if key is None:
         return f"{built.describe()}: nothing to build ahead of time (it compiles in the node's process at start-up)"
@@ -26,7 +28,8 @@ def build_engine(model: str, backend: str, device: str, precision: str, cameras:
 
 
 def _run(args: argparse.Namespace) -> int:
-    print(build_engine(args.model, args.backend, args.device, args.precision, args.cameras, args.cache))
+    print(build_engine(args.model, args.backend, args.device, args.precision, args.cameras, args.cache,
+                       args.openvino_device))
     return 0
 
 
@@ -42,6 +45,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS), help="as the node's 'precision' parameter")
     p.add_argument("--cameras", type=int, default=1, help="number of camera topics of the node (its largest batch)")
+    p.add_argument("--openvino-device", default="CPU",
+                   help="where the openvino backend runs the network: CPU, or GPU for an Intel GPU (default: CPU)")
     p.add_argument("--cache", default=None, help="engine cache folder (the node's 'engine_cache'; default: "
                    "$UNCERTAIN_SEG_CACHE or ~/.cache/uncertain_seg_ros/engines)")
     p.set_defaults(func=_run)

@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("calibrate", help="fit temperature / selective scaling and the mask threshold on a held-out split",
                    options=_calibrate_options, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub.add_parser("build-engine", help="build a bundle's ONNX / TensorRT artefact ahead of time, so the node only "
+    sub.add_parser("build-engine", help="build a bundle's ONNX / OpenVINO / TensorRT artefact ahead of time, so the node only "
                                         "loads it", options=_build_engine_options)
 
     from .bag_commands import register as register_bag

@@ -1,4 +1,4 @@
-"""A disk cache of compiled inference artefacts (ONNX graphs, TensorRT programs).
+"""A disk cache of compiled inference artefacts (ONNX graphs, OpenVINO IR, TensorRT programs).
 
 An artefact is only valid for the exact model weights, backend, library versions, GPU, precision
 and input shape it was built for. All of that is the cache key; the entry's folder is named by the

@@ -2,7 +2,7 @@
 
 A backend turns a normalised (B, 3, H, W) float32 batch on the inference device into the
 network's (logits, predicted loss) at patch resolution, on the same device. Which engine computes
-them (PyTorch eager, torch.compile with CUDA graphs, ONNX Runtime, TensorRT) is its business.
+them (PyTorch eager, torch.compile with CUDA graphs, ONNX Runtime, TensorRT, OpenVINO) is its business.
 Choosing and building one is :mod:`.factory`'s; this module imports no backend.
 """
 from abc import ABC, abstractmethod
@@ -11,8 +11,8 @@ import torch
 
 from .network import DeployedNetwork
 
-# Precision -> the float type of the network's inputs and outputs. int8 (ONNX Runtime on the CPU)
-# quantises the linear layers' weights and inputs inside the graph; its inputs and outputs stay float32.
+# Precision -> the float type of the network's inputs and outputs. int8 (ONNX Runtime or OpenVINO on
+# the CPU) stores the linear layers' weights as int8 inside the graph; its inputs and outputs stay float32.
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
 
 

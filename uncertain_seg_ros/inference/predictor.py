@@ -38,12 +38,19 @@ class PredictorOptions:
     max_output_pixels: int | None = None
     """Frames with more pixels are shrunk to this many (same aspect ratio) before anything is computed,
     so their outputs come at that reduced size: memory and time per frame stay bounded."""
+    threads: int | None = None
+    """CPU threads of the network and of PyTorch's pre- and post-processing (PyTorch's count is
+    process-wide, set when the predictor is built); 0 or None keeps the process's setting."""
+    openvino_device: str = "CPU"
+    """Where the openvino backend runs the network: ``CPU``, or ``GPU`` for an Intel GPU."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", *BACKENDS):
             raise ValueError(f"backend must be auto or one of {BACKENDS}, got {self.backend!r}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.threads is not None and self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: keep the process's setting), got {self.threads}")
         if self.max_output_pixels is not None and self.max_output_pixels < 1:
             raise ValueError(f"max_output_pixels must be >= 1, got {self.max_output_pixels}")
         if self.precision not in PRECISIONS:
@@ -86,7 +93,8 @@ class Predictor:
     """A loaded bundle ready to segment camera frames, behind the backend ``options.backend``.
 
     Compiled backends are built (or loaded from the artefact cache) here, for batches of up to
-    ``options.max_batch`` frames of one size; larger groups are split.
+    ``options.max_batch`` frames of one size; larger groups are split. ``options.threads`` sets
+    PyTorch's thread count for the whole process here, and the backend's own.
     """
 
     def __init__(self, bundle: Bundle, options: PredictorOptions = PredictorOptions()) -> None:
@@ -94,8 +102,11 @@ class Predictor:
         self.options = options
         self.device = torch.device(options.device)
         cfg = bundle.config
+        if options.threads:
+            torch.set_num_threads(options.threads)
         self.backend = create_backend(options.backend, bundle, self.device, options.precision, options.max_batch,
-                                      ArtifactCache(options.cache_dir))
+                                      ArtifactCache(options.cache_dir), threads=options.threads or None,
+                                      openvino_device=options.openvino_device)
         self.model = bundle.model
         self.input_size = (cfg.input.height, cfg.input.width)
         self.threshold = cfg.mask_threshold if options.mask_threshold is None else options.mask_threshold
