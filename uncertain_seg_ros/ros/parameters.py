@@ -27,7 +27,11 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "model": ("camvid_demo", "model bundle: a folder path, or the name of a bundle shipped with the package"),
     "backend": ("auto", f"inference backend, one of {BACKENDS}; auto picks the fastest available"),
     "device": ("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N"),
-    "precision": ("fp32", f"network precision, one of {tuple(PRECISIONS)} (fp16 needs CUDA; int8 runs on onnxruntime on the CPU)"),
+    "precision": ("fp32", f"network precision, one of {tuple(PRECISIONS)} (fp16 needs CUDA or an Intel GPU; bf16 a CPU or GPU "
+                          "that has it; int8: onnxruntime or openvino on the CPU)"),
+    "threads": (1, "CPU threads of the network and of the pre- and post-processing; 0 keeps PyTorch's default (one per "
+                   "core). 1 by default: on a CPU other nodes share, more threads wait on each other (benchmarks)"),
+    "openvino_device": ("CPU", "where the openvino backend runs the network: CPU, or GPU (an Intel GPU), as OpenVINO names it"),
     "engine_cache": ("", "folder of compiled artefacts (ONNX, TensorRT); empty: $UNCERTAIN_SEG_CACHE or ~/.cache/uncertain_seg_ros/engines"),
     "camera_topics": (["/camera/image_raw"], "image topics to segment; outputs go under <topic's namespace>/<output_namespace>/"),
     "transport": ("raw", "raw: sensor_msgs/Image on each topic; compressed: sensor_msgs/CompressedImage on <topic>/compressed "
@@ -73,6 +77,8 @@ class NodeSettings:
     backend: str
     device: str
     precision: str
+    threads: int
+    openvino_device: str
     engine_cache: str
     camera_topics: tuple[str, ...]
     transport: str
@@ -98,6 +104,12 @@ def _one_of(name: str, value: str, allowed) -> str:
     if value not in allowed:
         raise ParameterError(f"parameter '{name}' is {value!r}; allowed: {', '.join(allowed)}")
     return value
+
+
+def _non_empty(name: str, value: str) -> str:
+    if not value.strip():
+        raise ParameterError(f"parameter '{name}' must not be empty")
+    return value.strip()
 
 
 def _in_range(name: str, value: float, low: float, high: float | None = None) -> float:
@@ -177,6 +189,8 @@ def validate(p: dict[str, object]) -> NodeSettings:
         backend=_one_of("backend", p["backend"], BACKENDS),
         device=device,
         precision=_one_of("precision", p["precision"], tuple(PRECISIONS)),
+        threads=int(_in_range("threads", p["threads"], 0)),
+        openvino_device=_non_empty("openvino_device", p["openvino_device"]),
         engine_cache=p["engine_cache"],
         camera_topics=topics,
         transport=_one_of("transport", p["transport"], TRANSPORTS),

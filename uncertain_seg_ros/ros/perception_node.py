@@ -46,9 +46,9 @@ def _device(name: str) -> str:
     return name
 
 
-def _backend(name: str, device: str) -> str:
+def _backend(name: str, device: str, precision: str) -> str:
     try:
-        return choose_backend(name, device)
+        return choose_backend(name, device, precision)
     except BackendUnavailable as exc:
         raise ParameterError(f"parameter 'backend': {exc}") from exc
 
@@ -78,16 +78,17 @@ class PerceptionNode(Node):
         if not any(isinstance(h, _RosLogHandler) for h in core_log.handlers):
             core_log.addHandler(_RosLogHandler(self.get_logger()))
         device = _device(s.device)
-        self.backend = _backend(s.backend, device)
+        self.backend = _backend(s.backend, device, s.precision)
         bundle_path = resolve_bundle(s.model)
         bundle = load_bundle(bundle_path, device)
         options = PredictorOptions(device, s.precision, s.mask_threshold, s.colormap, s.overlay_alpha, backend=self.backend,
                                    max_batch=len(s.camera_topics), cache_dir=s.engine_cache or None,
-                                   max_output_pixels=s.max_output_pixels)
+                                   max_output_pixels=s.max_output_pixels, threads=s.threads,
+                                   openvino_device=s.openvino_device)
         self.predictor = Predictor(bundle, options)
         self.labels_encoding = "mono8" if self.predictor.label_dtype == np.uint8 else "mono16"
         self.info = {"backend": self.backend, "device": device, "precision": s.precision,
-                     "model_id": bundle.model_id, "model_name": bundle.config.name}
+                     "threads": str(torch.get_num_threads()), "model_id": bundle.model_id, "model_name": bundle.config.name}
 
         self._wake = threading.Event()
         self._stop = threading.Event()
