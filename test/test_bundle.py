@@ -5,11 +5,13 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from uncertain_seg_ros.bundle import (CHECKSUMS_FILE, CONFIG_FILE, WEIGHTS_FILE, BundleError, load_bundle, save_bundle,
-                                     sha256_file, weights_digest)
+from uncertain_seg_ros.bundle import (ARCHITECTURE_METADATA, CHECKSUMS_FILE, CONFIG_FILE, WEIGHTS_FILE, BundleError, load_bundle,
+                                     save_bundle, sha256_file, weights_digest)
 from uncertain_seg_ros.model import UncertainSegmenter
+from uncertain_seg_ros.resources import resolve_bundle
 
 from conftest import tiny_bundle_config
 
@@ -204,6 +206,23 @@ def test_num_heads_changed_with_same_shapes_is_refused(tiny_bundle):
     with pytest.raises(BundleError, match=r"model\.safetensors was exported for another architecture.*"
                                           r"model\.backbone\.num_heads: config\.json says 4, the weights were exported with 2"):
         load_bundle(tiny_bundle)
+
+
+def test_bundle_without_an_architecture_record_loads_with_a_warning(tiny_bundle, caplog):
+    """Bundles exported before the record existed cannot be checked for such fields: they load, and say so."""
+    state = load_file(str(tiny_bundle / WEIGHTS_FILE))
+    save_file(state, str(tiny_bundle / WEIGHTS_FILE), metadata={"format": "pt"})
+    _rewrite_checksums(tiny_bundle)
+    with caplog.at_level("WARNING", logger="uncertain_seg_ros.bundle"):
+        load_bundle(tiny_bundle)
+    assert "exported before bundles recorded their architecture" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["camvid_demo", "camvid_day"])
+def test_shipped_bundles_record_their_architecture(name):
+    """The shipped bundles are protected against a changed num_heads too."""
+    with safe_open(str(resolve_bundle(name) / WEIGHTS_FILE), "pt") as f:
+        assert ARCHITECTURE_METADATA in f.metadata()
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", '"a bundle"', "null", "3"])

@@ -309,10 +309,13 @@ def _check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], co
 def _check_architecture_record(weights: Path, config: BundleConfig) -> None:
     """The architecture the weights were exported with (their metadata) must be the config's: fields
     such as ``num_heads`` change the computation without changing any tensor's shape. Bundles
-    exported before the record existed have none and are not checked."""
+    exported before the record existed have none: they load, with a warning that says so."""
     with safe_open(str(weights), "pt") as f:
         recorded = (f.metadata() or {}).get(ARCHITECTURE_METADATA)
     if recorded is None:
+        log.warning("%s was exported before bundles recorded their architecture: fields that change no tensor's "
+                    "shape (e.g. num_heads) cannot be checked against %s; export it again with this version",
+                    weights, CONFIG_FILE)
         return
     try:
         exported = _flatten(json.loads(recorded), "model")
