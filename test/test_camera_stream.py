@@ -16,7 +16,7 @@ def node():
 
 
 def _stream(node, max_rate_hz=0.0, outputs=OUTPUT_KINDS):
-    return CameraStream(node, "/front/image_raw", outputs, "segmentation", "reliable", 10, max_rate_hz, "mono8")
+    return CameraStream(node, "/front/image_raw", outputs, "segmentation", "reliable", 10, max_rate_hz, "mono8", "sensor_data")
 
 
 def test_latest_frame_wins_and_stale_frames_are_counted(node):
@@ -40,4 +40,15 @@ def test_output_topics_and_encodings(node):
     assert sorted(p.topic_name for p in s.publishers.values()) == ["/front/segmentation/labels", "/front/segmentation/overlay"]
     assert s.encodings["labels"] == "mono8" and s.encodings["uncertainty"] == "32FC1"
     assert s.wanted() == set()
+    assert s.info_source == "/front/camera_info"
     assert output_namespace("/robot/cams/left/image_rect", "seg") == "/robot/cams/left/seg"
+
+
+def test_set_outputs_adds_and_removes_publishers(node):
+    """Live ``outputs``: a dropped output's publisher goes (publishing to it is a no-op), a new one is created."""
+    s = _stream(node, outputs=("labels", "overlay"))
+    s.set_outputs(("labels", "mask"))
+    assert sorted(s.publishers) == ["labels", "mask"]
+    published = {name for name, _ in node.get_publisher_names_and_types_by_node("camera_stream_test", "/")}
+    assert "/front/segmentation/mask" in published and "/front/segmentation/overlay" not in published
+    s.publish("overlay", None)  # removed meanwhile: nothing to publish to, and no error
