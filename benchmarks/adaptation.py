@@ -771,7 +771,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"units {stale} were made by another configuration; use another --work")
     if not args.report_only:
         run_all(exp, work, args.jobs, args.threads, args.device, units)
-    command = "python benchmarks/adaptation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python benchmarks/adaptation.py " + " ".join(a for a in given if a != "--report-only")
     path = write_report(exp, work, args.out, command)
     print(f"report: {path}")
     return 0
