@@ -29,13 +29,19 @@ def test_shipped_bundles_load_and_are_small(path):
     assert resolve_bundle(path.name) == path
 
 
-def test_demo_bundle_is_the_day_model_adapted_to_dusk_and_calibrated():
+def test_demo_bundle_is_the_arm_the_adaptation_experiment_selected():
+    """camvid_demo: camvid_day continued with random patch masking (seed 0), BatchNorm statistics
+    re-estimated on the 62 unlabelled dusk frames, selective-calibrated on the tuning part of dusk/test."""
     day, demo = load_bundle(DAY), load_bundle(DEMO)
-    assert day.config.provenance["data"]["train"].endswith("day/train")
     prov = demo.config.provenance
-    assert prov["input_bundle"]["model_id"] == day.model_id and prov["stage"] == "adaptation (both)"
-    assert prov["source_data"].endswith("day/train") and prov["target"]["frames"] == 62
-    assert demo.config.calibration.method == "selective" and prov["calibration"]["data"].endswith("day/val")
+    assert prov["experiment"]["arm"] == "bn_stats" and prov["experiment"]["seed"] == 0
+    assert prov["stage"] == "adaptation (bn_stats)" and prov["target"]["frames"] == 62
+    source = prov["previous"]
+    assert source["init_bundle"]["model_id"] in (day.model_id, day.config.provenance["re_export"]["previous_model_id"])
+    assert source["mask_ratio_max"] == 0.5 and source["data"]["train"].endswith("day/train")
+    cal = prov["calibration"]
+    assert demo.config.calibration.method == "selective" and cal["data"].endswith("dusk_tune") and cal["frames"] == 10
+    assert cal["selective"]["weighting"] == "duplicate"
 
 
 def test_demo_on_bundled_samples(tmp_path):
@@ -145,7 +151,7 @@ def test_report_figures_are_reproduced(path, tmp_path):
     """
     reports = REPO / "models" / "reports" / path.name
     committed = json.loads((reports / "dusk_test" / "metrics.json").read_text())
-    metrics = evaluate(path, CAMVID / "dusk" / "test", tmp_path, device="cpu", montage_count=0)
+    metrics = evaluate(path, CAMVID / "dusk" / "test", tmp_path, device="cpu", montage_count=0, skip=committed["skipped_frames"])
     fresh = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["frames"] == committed["frames"]
     _compare(fresh, committed)
