@@ -236,9 +236,10 @@ def test_fused_operators_refuse_what_they_do_not_translate(call):
 
 @needs_camvid
 def test_onnxruntime_int8_labels_match_fp32_on_camvid_frames(tmp_path):
-    """The shipped demo with its linear layers quantised to int8 (ONNX Runtime on the CPU), 15
+    """The shipped demo with its backbone's linear layers quantised to int8 (ONNX Runtime on the CPU), 15
     dusk/test + 15 day/test frames, three cameras per call: at least 99.5% of pixels labelled as by
-    PyTorch fp32 (the issue's bar for every backend and precision); the cached graph really is int8."""
+    PyTorch fp32 (the issue's bar for every backend and precision; 99.66% on an AMD EPYC without VNNI,
+    99.49% with the heads quantised too); the cached graph really is int8 but for the heads."""
     import onnx
 
     bundle = load_bundle(DEMO)
@@ -254,9 +255,10 @@ def test_onnxruntime_int8_labels_match_fp32_on_camvid_frames(tmp_path):
     graph = onnx.load(str(ArtifactCache(tmp_path).entry(int8.backend.key) / "model.onnx")).graph
     ops = [n.op_type for n in graph.node]
     depth, head_layers = len(bundle.model.backbone.blocks), 1 + 3
-    assert ops.count("MatMulInteger") == 6 * depth + head_layers and "Gemm" not in ops  # q, k, v, proj, fc1, fc2
-    # an input is quantised once for every layer that reads it: q, k and v share one, so do both heads' first layers
-    assert ops.count("DynamicQuantizeLinear") == 4 * depth + head_layers - 1
+    assert ops.count("MatMulInteger") == 6 * depth and "Gemm" not in ops  # q, k, v, proj, fc1, fc2
+    assert ops.count("MatMul") == head_layers  # the heads stay float
+    # an input is quantised once for every layer that reads it: q, k and v share one
+    assert ops.count("DynamicQuantizeLinear") == 4 * depth
     assert sorted(p.name for p in (ArtifactCache(tmp_path).entry(int8.backend.key)).iterdir()) == ["key.json", "model.onnx"]
 
 

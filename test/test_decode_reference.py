@@ -4,8 +4,8 @@ The reference is the decoding as it was before the selector moved to a coarser g
 selector scores every output pixel and flagged logits are picked with ``torch.where``. It lives
 only here. The one intended change is where the selector runs (``selector_flags``), so:
 
-- with the same flags, both give the same bytes: dividing by a per-pixel temperature map of 1 and
-  ``T_sel`` is the same arithmetic as choosing between ``z`` and ``z / T_sel``;
+- with the same flags, both give the same bytes: dividing by a per-pixel temperature map of ``T`` and
+  ``T_sel`` is the same arithmetic as choosing between ``z / T`` and ``z / T_sel``;
 - with their own flags, labels can differ only at a float tie of the top two logits (a temperature
   never moves an argmax), and the mask only where the flags differ and the two temperatures put
   the uncertainty on both sides of the threshold. Those pixels sit on the selector's decision
@@ -34,9 +34,10 @@ TIE = 1e-5
 
 
 def reference_decode(logits, predicted_loss, size, calibration, source, mask_threshold, flagged) -> Prediction:
-    """The former decode with the selector's ``flagged`` (B, H, W) given: per-pixel ``torch.where`` of the logits."""
+    """The former decode with the selector's ``flagged`` (B, H, W) given: per-pixel ``torch.where`` of the
+    logits divided by ``selective_temperature`` (flagged) or by the plain ``temperature`` (the others)."""
     up = upsample(logits.float(), size)
-    calibrated = torch.where(flagged.unsqueeze(1), up / calibration.selective_temperature, up)
+    calibrated = torch.where(flagged.unsqueeze(1), up / calibration.selective_temperature, up / calibration.temperature)
     probs = calibrated.softmax(dim=1)
     confidence, labels = probs.max(dim=1)
     loss = upsample(predicted_loss.float(), size)[:, 0]

