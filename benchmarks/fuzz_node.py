@@ -147,15 +147,13 @@ class Probe:
     def __init__(self) -> None:
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
-        from rclpy.executors import MultiThreadedExecutor
         from sensor_msgs.msg import CompressedImage, Image
 
+        from uncertain_seg_ros.ros.background_spin import BackgroundSpin
         from uncertain_seg_ros.ros.qos import qos_profile
 
         rclpy.init()
         self.node = rclpy.create_node("fuzz_probe")
-        self.executor = MultiThreadedExecutor()
-        self.executor.add_node(self.node)
         self.raw = self.node.create_publisher(Image, RAW_CAMERA, qos_profile("reliable", 10))
         self.compressed = self.node.create_publisher(CompressedImage, COMPRESSED_CAMERA + "/compressed",
                                                      qos_profile("reliable", 10))
@@ -166,8 +164,7 @@ class Probe:
             self.node.create_subscription(Image, camera.rsplit("/", 1)[0] + "/segmentation/labels", self._on_labels,
                                           qos_profile("reliable", 50))
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
+        self.spin = BackgroundSpin(self.node)
 
     def _on_labels(self, msg) -> None:
         with self.lock:
@@ -199,7 +196,7 @@ class Probe:
     def close(self) -> None:
         import rclpy
 
-        self.executor.shutdown()
+        self.spin.stop()
         self.node.destroy_node()
         rclpy.try_shutdown()
 

@@ -164,18 +164,15 @@ class RosBench:
         were dropped and resent after the 3 s heartbeat (see dds_transport)."""
         use_transport_profile(large_image_profile() if fastdds_profile == "shipped" else fastdds_profile)
         import rclpy
-        from rclpy.executors import MultiThreadedExecutor
 
+        from uncertain_seg_ros.ros.background_spin import BackgroundSpin
         from uncertain_seg_ros.ros.demo import isolate_graph
 
         self.domain = isolate_graph(domain_id)
         self.context = rclpy.Context()
         rclpy.init(context=self.context, domain_id=self.domain)
         self.node = rclpy.create_node("uncertain_seg_benchmark", context=self.context)
-        self.executor = MultiThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self._thread.start()
+        self.spin = BackgroundSpin(self.node, context=self.context)
         self._runs = 0
         self._sinks: dict = {}
         self.published = 0  # output messages published by the ROS stages
@@ -185,7 +182,7 @@ class RosBench:
     def close(self) -> None:
         import rclpy
 
-        self.executor.shutdown()
+        self.spin.stop()
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
 
@@ -195,7 +192,7 @@ class RosBench:
         The publishers have subscribers in this process (raw, not deserialised), so publishing does the
         full serialisation and hand-over to DDS; the transport to another process is in the e2e figure.
         The ``publish`` stage times the publish calls, which is what the node's thread pays; the
-        subscribers take the messages in the executor's threads afterwards, and :meth:`drain` waits
+        subscribers take the messages in the executor's thread afterwards, and :meth:`drain` waits
         for that outside the timed stages.
         """
         from std_msgs.msg import Header
@@ -276,7 +273,7 @@ class RosBench:
             env = {"OMP_NUM_THREADS": str(threads)}
         proc = start_node(params, log_path, env)
         node = rclpy.create_node(f"uncertain_seg_benchmark_probe{self._runs}", context=self.context)
-        self.executor.add_node(node)
+        self.spin.add_node(node)
         try:
             probe = GraphProbe(node, topics, cfg.outputs, compressed)
             monitor = ServingMonitor(node)
@@ -311,7 +308,7 @@ class RosBench:
                                        "lost": flood.lost, "duration_s": flood.duration_s,
                                        "latency": summarize(flood.latencies)}}
         finally:
-            self.executor.remove_node(node)
+            self.spin.remove_node(node)
             node.destroy_node()
             stop_node(proc)
 

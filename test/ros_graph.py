@@ -5,8 +5,8 @@ import time
 from pathlib import Path
 
 import rclpy
-from rclpy.executors import MultiThreadedExecutor
 
+from uncertain_seg_ros.ros.background_spin import BackgroundSpin
 from uncertain_seg_ros.ros.demo import isolate_graph, start_node, stop_node
 from uncertain_seg_ros.ros.qos import qos_profile
 
@@ -51,7 +51,7 @@ class NodeProcess:
 
 
 class Tester:
-    """A node in the test process, spun by a background executor, that collects messages by topic.
+    """A node in the test process, spun in the background (the node's tools' way), that collects messages by topic.
 
     It has its own rclpy context on the domain ``isolate()`` chose last, so successive tests on
     different domains do not share a stale context.
@@ -61,10 +61,7 @@ class Tester:
         self.context = rclpy.Context()
         rclpy.init(context=self.context, domain_id=int(os.environ.get("ROS_DOMAIN_ID", "0")))
         self.node = rclpy.create_node(name, context=self.context)
-        self.executor = MultiThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
+        self.spin = BackgroundSpin(self.node, context=self.context)
         self.lock = threading.Lock()
         self.received: dict[str, list] = {}
         self.subs = {}
@@ -108,6 +105,6 @@ class Tester:
         return [m for m in msgs if m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec == stamp_ns]
 
     def close(self) -> None:
-        self.executor.shutdown()
+        self.spin.stop()
         self.node.destroy_node()
         rclpy.shutdown(context=self.context)

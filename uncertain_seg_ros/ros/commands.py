@@ -5,7 +5,6 @@ offers them without importing the node. rclpy is imported only when one of them 
 """
 import argparse
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,23 +35,18 @@ def init_ros() -> None:
 
 @contextmanager
 def _spinning_node(name: str) -> Iterator:
-    """A node spun by a background executor. On exit the spinning thread ends before the node and rclpy are shut
-    down: shutting rclpy down under a thread still in the executor's wait aborted the process now and then
-    ("terminate called without an active exception", exit code 134)."""
-    from rclpy.executors import MultiThreadedExecutor
+    """A node spun in the background (:class:`.background_spin.BackgroundSpin`); on exit the spinning thread
+    ends before the node and rclpy are shut down."""
+    from .background_spin import BackgroundSpin
 
     rclpy = require_rclpy()
     init_ros()
     node = rclpy.create_node(name)
-    executor = MultiThreadedExecutor()
-    executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    spin = BackgroundSpin(node)
     try:
         yield node
     finally:
-        executor.shutdown()
-        spinner.join(timeout=10.0)
+        spin.stop()
         node.destroy_node()
         rclpy.try_shutdown()
 

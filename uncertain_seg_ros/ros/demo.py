@@ -110,8 +110,8 @@ def run_demo(bag: Path, out: Path, model: str = "camvid_demo", topic: str = "/ca
              device: str = "auto", timeout_s: float = 120.0, domain_id: int | None = None) -> dict:
     """Play ``bag`` into the node, record every output under ``out``, write a montage and a summary."""
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor
 
+    from .background_spin import BackgroundSpin
     from .bag_player import BagPlayer
     from .output_recorder import MONTAGE_COLUMNS, OutputRecorder
     from .parameters import PARAMETERS
@@ -129,10 +129,7 @@ def run_demo(bag: Path, out: Path, model: str = "camvid_demo", topic: str = "/ca
     proc = start_node(node_params, out / "node.log")
     rclpy.init(args=[])  # not this command's own arguments (rcl reads FROM:=TO ones as ROS remaps)
     node = rclpy.create_node("uncertain_seg_demo")
-    executor = MultiThreadedExecutor()
-    executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    spin = BackgroundSpin(node)
     try:
         player = BagPlayer(node, [bag], [topic], qos="transient_local")
         recorder = OutputRecorder(node, topic, output_namespace(topic, "segmentation"), out, input_qos="transient_local",
@@ -167,8 +164,7 @@ def run_demo(bag: Path, out: Path, model: str = "camvid_demo", topic: str = "/ca
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
     finally:
-        executor.shutdown()
-        spinner.join(timeout=10.0)  # rclpy shut down under a spinning thread can abort the process
+        spin.stop()
         node.destroy_node()
         rclpy.try_shutdown()
         stop_node(proc)
