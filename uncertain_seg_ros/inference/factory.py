@@ -20,18 +20,21 @@ from .backend import PRECISIONS, Backend, BackendUnavailable
 from .network import DeployedNetwork
 
 BACKENDS = ("torch", "torch_compile", "onnxruntime", "tensorrt", "openvino")
-# The CPU order, from the network alone timed interleaved at batch 1, one thread, fp32:
-# - this project's 2-core AMD EPYC (AVX2, no AVX-512), with another job keeping both cores busy (so
-#   ratios, not times): demo eager 76.6 ms, ONNX Runtime 68.0, OpenVINO 67.7 (30 rounds); ViT-S/14 at
-#   644x476 1567, 1461, 1481 ms (8 rounds); every label within float rounding of eager's;
-# - issue 18's probe on an AMD EPYC with AVX512-BF16: demo eager 72.8 ms, OpenVINO 30.8 ms;
-# - benchmarks/results/inference_cpu.md (committed, before OpenVINO): ONNX Runtime fp32 1.13x eager on
-#   the demo, 0.96x on ViT-S/14, so eager PyTorch, not ONNX Runtime, comes after OpenVINO.
+# The CPU order, from benchmarks/results/inference_cpu.md (demo, batch 1, 2-core AMD EPYC with AVX2
+# and no AVX-512, one run, inference medians):
+# - at the node's default of 1 thread: OpenVINO 62.7 ms, ONNX Runtime 62.9, eager PyTorch 68.5;
+# - at 2 threads: ONNX Runtime 38.4, OpenVINO 39.5, eager 39.5 (a 3% spread that changes order between
+#   runs: the run before had eager 41.2, OpenVINO 42.3, ONNX Runtime 44.7);
+# - at 2 threads with another process keeping one core busy: OpenVINO 64.0, ONNX Runtime 68.6, eager
+#   81.1 (p95 144); every fp32 label equal to eager's;
+# - issue 18's probe on an AMD EPYC with AVX512-BF16: eager 72.8 ms, OpenVINO 30.8 ms; ONNX Runtime fp32
+#   was 0.96x eager on ViT-S/14 in an earlier committed run, so eager, not ONNX Runtime, comes second.
 # `uncertain-seg benchmark` reports the backend auto picks beside the fastest fp32 row it measured;
-# where a committed run disagrees, this table is what changes.
+# where committed runs disagree beyond their run-to-run spread, this table is what changes.
 AUTO_ORDER = {"cuda": ("tensorrt", "torch_compile", "torch"), "cpu": ("openvino", "torch")}
-# int8 is opt-in (it moves labels); ONNX Runtime's measured 1.62x eager on the demo (committed run),
-# OpenVINO's int8 weights 1.11x on the 2-core EPYC above (its int8 products need VNNI).
+# int8 is opt-in (it moves labels: 99.74% of the demo's pixels as fp32 with ONNX Runtime, 99.80% with
+# OpenVINO, 202 CamVid frames); ONNX Runtime's int8 is 1.36x eager at 1 thread and 1.25x at 2 on the
+# EPYC above, OpenVINO's int8 weights 1.06x and 0.97x (its int8 products need VNNI or AMX).
 INT8_BACKENDS = ("onnxruntime", "openvino")
 
 
