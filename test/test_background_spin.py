@@ -10,15 +10,12 @@ CPU time for it on a 2-core AMD EPYC; SingleThreadedExecutor 1.2 s.
 import threading
 import time
 
-import pytest
+import rclpy
+from std_msgs.msg import String
 
-rclpy = pytest.importorskip("rclpy")
-
-from std_msgs.msg import String  # noqa: E402
-
-from ros_graph import isolate  # noqa: E402
-from uncertain_seg_ros.ros.background_spin import BackgroundSpin  # noqa: E402
-from uncertain_seg_ros.ros.qos import qos_profile  # noqa: E402
+from ros_graph import isolate
+from uncertain_seg_ros.ros.background_spin import BackgroundSpin
+from uncertain_seg_ros.ros.qos import qos_profile
 
 TOPICS, BURSTS, WORK_S = 6, 10, 0.02
 
