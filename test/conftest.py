@@ -12,6 +12,7 @@ import yaml
 import torch
 
 from uncertain_seg_ros.bundle import Bundle, BundleConfig, ClassInfo, InputSpec, save_bundle
+from uncertain_seg_ros.image_files import read_rgb
 from uncertain_seg_ros.prediction import Prediction, decode
 from uncertain_seg_ros.preprocessing import to_input
 from uncertain_seg_ros.model import SegmenterConfig, UncertainSegmenter, backbone_config
@@ -19,6 +20,11 @@ from uncertain_seg_ros.model import SegmenterConfig, UncertainSegmenter, backbon
 REPO = Path(__file__).resolve().parents[1]
 CAMVID = Path(os.environ.get("UNCERTAIN_SEG_CAMVID", REPO.parent / "shared" / "data" / "camvid"))
 TINY_CLASSES = [ClassInfo(0, "sky", (128, 128, 128)), ClassInfo(1, "road", (128, 64, 128)), ClassInfo(2, "car", (64, 0, 128))]
+
+
+def camvid_frames(split: str, n: int) -> list[np.ndarray]:
+    """The first ``n`` frames of a CamVid split (e.g. "dusk/test") as RGB arrays."""
+    return [read_rgb(p) for p in sorted((CAMVID / split / "images").iterdir())[:n]]
 
 
 def installed_script(name: str = "uncertain-seg") -> str:

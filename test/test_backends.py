@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CAMVID, REPO, core_prediction
+from conftest import CAMVID, REPO, camvid_frames, core_prediction
 from uncertain_seg_ros.bundle import BundleConfig, ClassInfo, InputSpec, load_bundle, save_bundle
 from uncertain_seg_ros.inference import (
     ArtifactCache,
@@ -26,11 +26,6 @@ from uncertain_seg_ros.model import SegmenterConfig, UncertainSegmenter, backbon
 DEMO = REPO / "models" / "camvid_demo"
 DAY = REPO / "models" / "camvid_day"
 needs_camvid = pytest.mark.skipif(not (CAMVID / "dusk" / "test").is_dir(), reason=f"CamVid not found at {CAMVID}")
-
-
-def _frames(split: str, n: int) -> list[np.ndarray]:
-    paths = sorted((CAMVID / split / "images").iterdir())[:n]
-    return [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths]
 
 
 def _vits14_bundle(path: Path, registers: bool = False) -> Path:
@@ -145,7 +140,7 @@ def test_onnxruntime_matches_pytorch_on_camvid_frames(tmp_path):
     three cameras per call: labels identical on every pixel except exact numerical ties (the two best
     classes within 1e-4, which float rounding may order either way), uncertainty within 1e-3."""
     bundle = load_bundle(DAY)
-    frames = _frames("dusk/test", 31) + _frames("day/test", 12)
+    frames = camvid_frames("dusk/test", 31) + camvid_frames("day/test", 12)
     ref = Predictor(bundle, PredictorOptions(backend="torch"))
     ort = Predictor(bundle, PredictorOptions(backend="onnxruntime", max_batch=3, cache_dir=str(tmp_path)))
     wanted = {"labels", "uncertainty"}
@@ -173,7 +168,7 @@ def test_onnxruntime_network_outputs_match_for_the_calibrated_demo(tmp_path):
     bundle = load_bundle(DEMO)
     torch_p = Predictor(bundle, PredictorOptions(backend="torch"))
     ort_p = Predictor(bundle, PredictorOptions(backend="onnxruntime", max_batch=3, cache_dir=str(tmp_path)))
-    prepared = torch_p.prepare(_frames("dusk/test", 3))
+    prepared = torch_p.prepare(camvid_frames("dusk/test", 3))
     (want,), (got,) = torch_p.infer(prepared).values(), ort_p.infer(prepared).values()
     for w, g in zip(want, got):
         assert float((w - g).abs().max()) < 1e-3
@@ -243,7 +238,7 @@ def test_onnxruntime_int8_labels_match_fp32_on_camvid_frames(tmp_path):
     import onnx
 
     bundle = load_bundle(DEMO)
-    frames = _frames("dusk/test", 15) + _frames("day/test", 15)
+    frames = camvid_frames("dusk/test", 15) + camvid_frames("day/test", 15)
     ref = Predictor(bundle, PredictorOptions(backend="torch"))
     int8 = Predictor(bundle, PredictorOptions(backend="auto", precision="int8", max_batch=3, cache_dir=str(tmp_path)))
     assert int8.backend.name == "onnxruntime" and int8.backend.key.options["weights"] == "int8 per channel"
@@ -470,7 +465,7 @@ def test_tensorrt_matches_pytorch_on_camvid_frames(tmp_path, precision):
     """TensorRT (dynamo, serialised program): >= 99.5% of pixels labelled as PyTorch fp32 does; the
     second start loads the cached program instead of building."""
     bundle = load_bundle(DEMO, "cuda")
-    frames = _frames("dusk/test", 12)
+    frames = camvid_frames("dusk/test", 12)
     ref = Predictor(bundle, PredictorOptions(device="cuda", backend="torch")).run(frames, {"labels", "uncertainty"})
     trt = Predictor(bundle, PredictorOptions(device="cuda", precision=precision, backend="tensorrt", max_batch=2,
                                              cache_dir=str(tmp_path)))
@@ -490,7 +485,7 @@ def test_cuda_backends_match_pytorch_fp32(backend, precision):
     if reason is not None:
         pytest.skip(f"{backend} unavailable on CUDA: {reason}")
     bundle = load_bundle(DEMO, "cuda")
-    frames = _frames("dusk/test", 8)
+    frames = camvid_frames("dusk/test", 8)
     ref = Predictor(bundle, PredictorOptions(device="cuda", backend="torch")).run(frames, {"labels"})
     out = Predictor(bundle, PredictorOptions(device="cuda", precision=precision, backend=backend)).run(frames, {"labels"})
     assert min(float((r.labels == o.labels).mean()) for r, o in zip(ref, out)) >= 0.995

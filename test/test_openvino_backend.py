@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CAMVID, REPO
+from conftest import CAMVID, REPO, camvid_frames
+from uncertain_seg_ros.image_files import read_rgb
 from uncertain_seg_ros.bundle import BundleConfig, ClassInfo, InputSpec, load_bundle, save_bundle
 from uncertain_seg_ros.inference import (
     ArtifactCache,
@@ -41,7 +42,7 @@ def _capabilities() -> list[str]:
 
 
 def _sample_frames() -> list[np.ndarray]:
-    return [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(SAMPLES.iterdir())]
+    return [read_rgb(p) for p in sorted(SAMPLES.iterdir())]
 
 
 def _assert_outputs_close(backend, network: DeployedNetwork, x: torch.Tensor) -> None:
@@ -168,8 +169,7 @@ def test_int8_labels_match_fp32_on_camvid_frames(tmp_path):
     import openvino as ov
 
     bundle = load_bundle(DEMO)
-    frames = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB)
-              for split in ("dusk/test", "day/test") for p in sorted((CAMVID / split / "images").iterdir())[:15]]
+    frames = camvid_frames("dusk/test", 15) + camvid_frames("day/test", 15)
     reference = [Predictor(bundle, PredictorOptions(backend="torch")).run([f], {"labels"})[0] for f in frames]
     int8 = Predictor(bundle, PredictorOptions(backend="openvino", precision="int8", cache_dir=str(tmp_path)))
     assert _label_agreement(reference, [int8.run([f], {"labels"})[0] for f in frames]) >= 0.995
